@@ -1,0 +1,103 @@
+"""Class names and colour palettes, used for logging per-class IoU and for saving coloured masks."""
+
+import numpy as np
+
+PASCAL_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+
+# Cityscapes train ids 0..18 (every other label id is mapped to 255 by the dataset).
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+
+# 'background' followed by the 80 COCO thing categories in the usual order (category ids 1..90, gaps removed).
+COCO_CLASSES = (
+    "background",
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+
+# Fallback only: the synthetic demo dataset owns its class list (dataset.demo.DEMO_CLASSES), see _demo_names.
+DEMO_CLASSES = ("background", "disc", "rectangle", "triangle", "cross", "ring")
+
+CLASS_NAMES = {
+    "pascal": PASCAL_CLASSES,
+    "cityscapes": CITYSCAPES_CLASSES,
+    "coco": COCO_CLASSES,
+    "demo": DEMO_CLASSES,
+}
+
+# Official Cityscapes colours of the 19 train ids, in train-id order.
+CITYSCAPES_COLORS = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+
+
+def _demo_names():
+    # Imported lazily: dataset.demo may import this module, and it may not exist yet.
+    try:
+        from dataset.demo import DEMO_CLASSES as names
+    except ImportError:
+        return DEMO_CLASSES
+    return tuple(names)
+
+
+def _known_names(dataset):
+    if dataset == "demo":
+        return _demo_names()
+    return CLASS_NAMES.get(dataset)
+
+
+def class_names(dataset, nclass):
+    """The dataset's class names if it is known and has `nclass` classes, else ('class_0', 'class_1', ...)."""
+    names = _known_names(dataset)
+    if names is not None and len(names) == nclass:
+        return tuple(names)
+    return tuple(f"class_{i}" for i in range(nclass))
+
+
+def voc_colormap(n=256):
+    """The PASCAL VOC colour map: the bits of the label index are spread over R, G, B from the top bit down.
+
+    Returns uint8 (n, 3). Label 1 -> (128, 0, 0), 2 -> (0, 128, 0), 3 -> (128, 128, 0), ...
+    """
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    for label in range(n):
+        r = g = b = 0
+        c = label
+        for bit in range(8):
+            # Bits 0, 1, 2 of each 3-bit group go to R, G, B, filling each channel from its top bit down.
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        cmap[label] = (r, g, b)
+    return cmap
+
+
+def palette(dataset, nclass):
+    """Colour palette uint8 (256, 3) for saving masks as paletted PNGs; index 255 (ignore) is white.
+
+    Cityscapes uses its official train-id colours (ids >= 19 are black); every other dataset uses the VOC map.
+    `nclass` is accepted for symmetry with class_names: the palette always has 256 entries.
+    """
+    if dataset == "cityscapes":
+        pal = np.zeros((256, 3), dtype=np.uint8)
+        pal[: len(CITYSCAPES_COLORS)] = np.array(CITYSCAPES_COLORS, dtype=np.uint8)
+    else:
+        pal = voc_colormap(256)
+    pal[255] = (255, 255, 255)
+    return pal

@@ -1,0 +1,299 @@
+"""A small synthetic segmentation dataset for demos, tests and CPU smoke runs.
+
+Each image shows a few random shapes (ellipse, rectangle, triangle, cross, ring) on a
+textured background. Shapes and background draw their colours and textures from the
+same distribution, so a pixel's colour says nothing about its class: the network has
+to recognise outlines. Shapes vary in scale, aspect and rotation and may overlap; the
+mask shows the shape on top. This is what makes a handful of labeled images
+insufficient and unlabeled images useful.
+
+Layout (Pascal VOC style, the split files use the usual ``<image> <mask>`` lines)::
+
+    root/JPEGImages/train_00000.jpg
+    root/SegmentationClass/train_00000.png   # mode 'P', class indices, no ignore pixels
+    root/splits/labeled.txt, unlabeled.txt   # a partition of the training images
+    root/splits/val.txt
+    root/.complete                           # written last; records the parameters
+
+Usage::
+
+    python -m dataset.demo --root data/demo [--num-train 1000] [--num-val 100] [--size 64]
+"""
+
+import argparse
+import inspect
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dataset.classes import palette
+
+DEMO_CLASSES = ("background", "ellipse", "rectangle", "triangle", "cross", "ring")
+
+MARKER = ".complete"
+
+# Shapes are drawn this many times larger and box-filtered down, which gives
+# anti-aliased image edges; the mask takes the class where the coverage is >= 50%.
+_SUPERSAMPLE = 4
+
+
+def generate_demo(
+    root,
+    num_train=1000,
+    num_val=100,
+    size=64,
+    labeled_fraction=0.02,
+    seed=0,
+    shapes_per_image=(2, 5),
+    shape_size=(0.12, 0.35),
+    texture_contrast=0.6,
+    min_color_distance=60.0,
+    noise_std=6.0,
+    jpeg_quality=90,
+):
+    """Write the demo dataset to ``root`` (overwriting what is there) and return ``root``.
+
+    Difficulty knobs:
+      shapes_per_image: inclusive (min, max) number of shapes per image.
+      shape_size: (min, max) shape radius as a fraction of the image size.
+      texture_contrast: 0 gives flat colours, 1 textures spanning two unrelated colours.
+      min_color_distance: least RGB distance between a shape's mean colour and the
+        background's; smaller values hide more shapes in the background.
+      noise_std: standard deviation of the per-pixel Gaussian noise (0-255 scale).
+      jpeg_quality: quality of the saved JPEGs (compression adds mild artefacts).
+    """
+    params = dict(
+        num_train=num_train,
+        num_val=num_val,
+        size=size,
+        labeled_fraction=labeled_fraction,
+        seed=seed,
+        shapes_per_image=list(shapes_per_image),
+        shape_size=list(shape_size),
+        texture_contrast=texture_contrast,
+        min_color_distance=min_color_distance,
+        noise_std=noise_std,
+        jpeg_quality=jpeg_quality,
+    )
+    if num_train < 1:
+        raise ValueError(f"num_train must be at least 1, got {num_train}")
+
+    # Remove the marker first: if we are interrupted, the next ensure_demo starts over.
+    marker = os.path.join(root, MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+    for folder in ("JPEGImages", "SegmentationClass", "splits"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+
+    # Masks are saved with the palette the evaluation tools use for the demo dataset.
+    mask_palette = palette("demo", len(DEMO_CLASSES)).flatten().tolist()
+    ids = {
+        "train": [f"train_{i:05d}" for i in range(num_train)],
+        "val": [f"val_{i:05d}" for i in range(num_val)],
+    }
+    for split_index, split in enumerate(("train", "val")):
+        for i, name in enumerate(ids[split]):
+            # One generator per image: the content of an image does not depend on the others.
+            rng = np.random.default_rng([seed, split_index, i])
+            img, mask = render_sample(
+                rng, size, shapes_per_image, shape_size, texture_contrast, min_color_distance, noise_std
+            )
+            Image.fromarray(img).save(os.path.join(root, "JPEGImages", f"{name}.jpg"), quality=jpeg_quality)
+            mask_img = Image.fromarray(mask)
+            mask_img.putpalette(mask_palette)  # turns the 'L' image into 'P', keeping the indices
+            mask_img.save(os.path.join(root, "SegmentationClass", f"{name}.png"))
+
+    num_labeled = max(1, round(labeled_fraction * num_train))
+    num_labeled = min(num_labeled, num_train)
+    chosen = set(np.random.default_rng([seed, 2]).permutation(num_train)[:num_labeled].tolist())
+    labeled = [name for i, name in enumerate(ids["train"]) if i in chosen]
+    unlabeled = [name for i, name in enumerate(ids["train"]) if i not in chosen]
+    write_split(os.path.join(root, "splits", "labeled.txt"), labeled)
+    write_split(os.path.join(root, "splits", "unlabeled.txt"), unlabeled)
+    write_split(os.path.join(root, "splits", "val.txt"), ids["val"])
+
+    write_atomic(marker, json.dumps(params, sort_keys=True) + "\n")
+    return root
+
+
+def ensure_demo(root, **kwargs):
+    """Generate the demo dataset unless a complete one with the same parameters is there.
+
+    Returns True if it (re)generated the dataset.
+    """
+    wanted = demo_params(**kwargs)
+    marker = os.path.join(root, MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            try:
+                found = json.load(f)
+            except json.JSONDecodeError:
+                found = None
+        if found == wanted:
+            return False
+    generate_demo(root, **kwargs)
+    return True
+
+
+def demo_params(**kwargs):
+    """The parameters ``generate_demo`` would record in its marker for these arguments."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(generate_demo).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown demo parameters: {sorted(unknown)}")
+    params = {**defaults, **kwargs}
+    for key in ("shapes_per_image", "shape_size"):
+        params[key] = list(params[key])
+    return json.loads(json.dumps(params, sort_keys=True))
+
+
+def write_split(path, names):
+    lines = [f"JPEGImages/{name}.jpg SegmentationClass/{name}.png\n" for name in names]
+    write_atomic(path, "".join(lines))
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def render_sample(rng, size, shapes_per_image, shape_size, texture_contrast, min_color_distance, noise_std):
+    """One image (H, W, 3) uint8 and its mask (H, W) uint8."""
+    bg_colors = random_colors(rng, texture_contrast)
+    img = paint(random_texture(rng, size), bg_colors)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    bg_mean = bg_colors.mean(axis=0)
+
+    for _ in range(rng.integers(shapes_per_image[0], shapes_per_image[1] + 1)):
+        cls = int(rng.integers(1, len(DEMO_CLASSES)))
+        coverage = shape_coverage(rng, cls, size, shape_size)
+        colors = random_colors(rng, texture_contrast)
+        # Same colour distribution as the background, but not (almost) invisible on it.
+        for _ in range(20):
+            if np.linalg.norm(colors.mean(axis=0) - bg_mean) >= min_color_distance:
+                break
+            colors = random_colors(rng, texture_contrast)
+        fill = paint(random_texture(rng, size), colors)
+        alpha = coverage[..., None]
+        img = img * (1 - alpha) + fill * alpha
+        mask[coverage >= 0.5] = cls
+
+    img = img + rng.normal(0.0, noise_std, img.shape)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), mask
+
+
+def random_colors(rng, contrast):
+    """Two RGB colours (2, 3); ``contrast`` pulls the second one away from the first."""
+    first = rng.uniform(0, 255, 3)
+    second = first + contrast * (rng.uniform(0, 255, 3) - first)
+    return np.stack([first, second])
+
+
+def paint(texture, colors):
+    """Blend two colours with a texture in [0, 1] -> float image (H, W, 3)."""
+    return colors[0] + texture[..., None] * (colors[1] - colors[0])
+
+
+def random_texture(rng, size):
+    """A (size, size) field in [0, 1]: stripes, a gradient, smooth blobs or fine noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = rng.uniform(0, 2 * math.pi)
+    along = xx * math.cos(angle) + yy * math.sin(angle)
+    kind = rng.integers(4)
+    if kind == 0:
+        cycles = rng.uniform(2, 8)
+        return 0.5 + 0.5 * np.sin(2 * math.pi * cycles * along + rng.uniform(0, 2 * math.pi))
+    if kind == 1:
+        return (along - along.min()) / (along.max() - along.min())
+    # Blobs (coarse grid) or grain (fine grid): upsample random values smoothly.
+    cells = int(rng.integers(2, 5)) if kind == 2 else max(2, size // 4)
+    coarse = Image.fromarray(rng.uniform(0, 1, (cells, cells)).astype(np.float32))
+    return np.asarray(coarse.resize((size, size), Image.BICUBIC)).clip(0, 1).astype(np.float64)
+
+
+def shape_coverage(rng, cls, size, shape_size):
+    """Draw one shape of class ``cls`` at a random place, scale and angle.
+
+    Returns its coverage (size, size) in [0, 1] (the anti-aliased alpha).
+    """
+    big = size * _SUPERSAMPLE
+    radius = rng.uniform(*shape_size) * big
+    center = rng.uniform(0.1, 0.9, 2) * big
+    angle = rng.uniform(0, 2 * math.pi)
+
+    name = DEMO_CLASSES[cls]
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    if name == "ellipse":
+        draw.polygon(place(ellipse(radius, radius * rng.uniform(0.5, 1.0)), center, angle), fill=255)
+    elif name == "rectangle":
+        half_w, half_h = radius, radius * rng.uniform(0.4, 1.0)
+        corners = [(-half_w, -half_h), (half_w, -half_h), (half_w, half_h), (-half_w, half_h)]
+        draw.polygon(place(np.array(corners), center, angle), fill=255)
+    elif name == "triangle":
+        corner_angles = math.pi / 2 + 2 * math.pi / 3 * np.arange(3) + rng.uniform(-0.25, 0.25, 3)
+        corner_radii = radius * rng.uniform(0.85, 1.15, 3)
+        corners = np.stack([corner_radii * np.cos(corner_angles), corner_radii * np.sin(corner_angles)], 1)
+        draw.polygon(place(corners, center, angle), fill=255)
+    elif name == "cross":
+        arm = radius * rng.uniform(0.25, 0.4)
+        r = radius
+        outline = [(-arm, -r), (arm, -r), (arm, -arm), (r, -arm), (r, arm), (arm, arm)]
+        outline += [(arm, r), (-arm, r), (-arm, arm), (-r, arm), (-r, -arm), (-arm, -arm)]
+        draw.polygon(place(np.array(outline), center, angle), fill=255)
+    elif name == "ring":
+        outer = ellipse(radius, radius * rng.uniform(0.75, 1.0))
+        draw.polygon(place(outer, center, angle), fill=255)
+        draw.polygon(place(outer * rng.uniform(0.45, 0.65), center, angle), fill=0)
+    else:
+        raise ValueError(f"not a shape class: {cls}")
+
+    small = canvas.resize((size, size), Image.BOX)
+    return np.asarray(small, dtype=np.float64) / 255.0
+
+
+def ellipse(half_w, half_h, points=48):
+    t = np.linspace(0, 2 * math.pi, points, endpoint=False)
+    return np.stack([half_w * np.cos(t), half_h * np.sin(t)], 1)
+
+
+def place(points, center, angle):
+    """Rotate (N, 2) points about the origin, move them to ``center``; a list for ImageDraw."""
+    c, s = math.cos(angle), math.sin(angle)
+    rotated = points @ np.array([[c, s], [-s, c]])
+    return [tuple(p) for p in (rotated + center).tolist()]
+
+
+def main(argv=None):
+    defaults = demo_params()
+    parser = argparse.ArgumentParser(description="Generate the synthetic demo segmentation dataset.")
+    parser.add_argument("--root", default="data/demo")
+    parser.add_argument("--force", action="store_true", help="regenerate even if a complete copy exists")
+    for name, value in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, list):
+            parser.add_argument(flag, type=type(value[0]), nargs=2, default=value, metavar=("MIN", "MAX"))
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    args = vars(parser.parse_args(argv))
+    root, force = args.pop("root"), args.pop("force")
+
+    if force:
+        generate_demo(root, **args)
+        generated = True
+    else:
+        generated = ensure_demo(root, **args)
+    print(f"{'wrote' if generated else 'found complete'} demo dataset in {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Write deterministic labeled/unlabeled splits in UniMatch's format.
+
+Every split is a folder with ``labeled.txt`` and ``unlabeled.txt``, one
+``<image> <mask>`` line per sample, paths relative to the dataset root. The labeled
+set is ``random.Random(seed).sample`` over the sorted labeled pool; the unlabeled set
+is the rest of the training list, in file order. Same inputs and seed, same bytes.
+
+Standard splits (the layout of UniMatch's ``splits/`` folder)::
+
+    # Pascal VOC 2012 + SBD masks (SegmentationClass/ with train_aug and val masks):
+    #   92/ 183/ 366/ 732/ 1464/  labeled from the 1464 classic train images
+    #   1_16/ 1_8/ 1_4/ 1_2/      labeled from all 10582 train_aug images
+    python tools/make_splits.py pascal --data-root /data/VOC2012 --out splits/pascal --seed 0
+
+    # Cityscapes (needs *_gtFine_labelTrainIds.png): 1_16/ 1_8/ 1_4/ 1_2/
+    python tools/make_splits.py cityscapes --data-root /data/cityscapes --out splits/cityscapes
+
+    # COCO 2017, UniMatch layout (train2017/, val2017/, masks/{train2017,val2017}/):
+    #   1_512/ 1_256/ 1_128/ 1_64/ 1_32/
+    python tools/make_splits.py coco --data-root /data/coco --out splits/coco
+
+Each preset also writes ``val.txt`` (and ``train.txt``, the full training list).
+Fractions are rounded up, as in UniMatch's published splits (1/16 of 10582 -> 662).
+
+Any other dataset, from a list of training lines (and optionally a pool to draw the
+labeled images from)::
+
+    python tools/make_splits.py custom --train-list train.txt --num 100 --out splits/mine/100
+    python tools/make_splits.py custom --train-list train.txt --fraction 1/8 --out splits/mine/1_8
+"""
+
+import argparse
+import glob
+import math
+import os
+import random
+import sys
+from fractions import Fraction
+
+PASCAL_COUNTS = (92, 183, 366, 732, 1464)
+PASCAL_FRACTIONS = ("1_16", "1_8", "1_4", "1_2")
+CITYSCAPES_FRACTIONS = ("1_16", "1_8", "1_4", "1_2")
+COCO_FRACTIONS = ("1_512", "1_256", "1_128", "1_64", "1_32")
+
+
+# ---------------------------------------------------------------------------
+# Core: sample a labeled subset, the rest is unlabeled
+
+
+def read_list(path):
+    """Non-blank lines of a split file, stripped, in order; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"list not found: {path}")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"list is empty: {path}")
+    return lines
+
+
+def parse_fraction(text):
+    """'1/8', '1_8' or '0.125' -> a Fraction in (0, 1]."""
+    value = Fraction(str(text).replace("_", "/"))
+    if not 0 < value <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {text}")
+    return value
+
+
+def count_for_fraction(fraction, total):
+    """Number of labeled samples for a fraction: rounded up, at least one."""
+    # Exact arithmetic: 1/2 of 2975 is 1487.5 -> 1488, and 1/16 of 10582 -> 662.
+    return max(1, math.ceil(parse_fraction(fraction) * total))
+
+
+def split_labeled(
+    train, pool=None, num=None, fraction=None, seed=0, train_name="train list", pool_name="pool"
+):
+    """Draw ``num`` (or ``fraction`` of the pool) labeled lines from ``pool``.
+
+    ``pool`` defaults to ``train``. Returns ``(labeled, unlabeled)``, both in the order
+    of ``train``; together they partition ``train``.
+    """
+    if (num is None) == (fraction is None):
+        raise ValueError("give exactly one of num and fraction")
+    if not train:
+        raise ValueError(f"{train_name} is empty")
+    check_unique(train, train_name)
+    if pool is None:
+        pool, pool_name = train, train_name
+    if not pool:
+        raise ValueError(f"{pool_name} is empty")
+    check_unique(pool, pool_name)
+    outside = sorted(set(pool) - set(train))
+    if outside:
+        raise ValueError(
+            f"{len(outside)} line(s) of {pool_name} are not in {train_name}, e.g. {outside[0]!r}"
+        )
+
+    if num is None:
+        num = count_for_fraction(fraction, len(pool))
+    if not 0 < num <= len(pool):
+        raise ValueError(f"cannot draw {num} labeled samples from {pool_name}, which has {len(pool)} lines")
+
+    # Sorting first makes the draw independent of the order of the pool file.
+    chosen = set(random.Random(seed).sample(sorted(pool), num))
+    labeled = [line for line in train if line in chosen]
+    unlabeled = [line for line in train if line not in chosen]
+    return labeled, unlabeled
+
+
+def check_unique(lines, name):
+    seen = set()
+    for line in lines:
+        if line in seen:
+            raise ValueError(f"{name} lists {line!r} more than once")
+        seen.add(line)
+
+
+def write_list(path, lines):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def write_split(out_dir, labeled, unlabeled):
+    write_list(os.path.join(out_dir, "labeled.txt"), labeled)
+    write_list(os.path.join(out_dir, "unlabeled.txt"), unlabeled)
+    print(f"{out_dir}: {len(labeled)} labeled, {len(unlabeled)} unlabeled")
+
+
+# ---------------------------------------------------------------------------
+# Training / validation lists of the standard datasets
+
+
+def pascal_lists(data_root):
+    """Pascal VOC 2012 with UniMatch's SegmentationClass/ (SBD-augmented masks).
+
+    Returns ``(train_aug, classic_train, val)``: every mask that is not a validation
+    image (10582 when complete), the 1464 classic training images, the 1449 val images.
+    """
+    sets = os.path.join(data_root, "ImageSets", "Segmentation")
+    val_ids = read_list(os.path.join(sets, "val.txt"))
+    train_ids = read_list(os.path.join(sets, "train.txt"))
+    mask_dir = os.path.join(data_root, "SegmentationClass")
+    mask_ids = sorted(os.path.splitext(name)[0] for name in os.listdir(mask_dir) if name.endswith(".png"))
+
+    val_set = set(val_ids)
+    aug_ids = [i for i in mask_ids if i not in val_set]
+    missing = sorted(set(train_ids) - set(aug_ids))
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} ids of {sets}/train.txt have no mask in {mask_dir}, e.g. {missing[0]}"
+        )
+    missing = sorted(val_set - set(mask_ids))
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} ids of {sets}/val.txt have no mask in {mask_dir}, e.g. {missing[0]}"
+        )
+    if len(aug_ids) != 10582:
+        print(
+            f"note: {mask_dir} holds {len(aug_ids)} training masks (10582 with the full SBD set)",
+            file=sys.stderr,
+        )
+
+    def line(i):
+        return f"JPEGImages/{i}.jpg SegmentationClass/{i}.png"
+
+    return [line(i) for i in aug_ids], [line(i) for i in train_ids], [line(i) for i in val_ids]
+
+
+def cityscapes_list(data_root, split):
+    """``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` with its labelTrainIds mask."""
+    suffix = "_leftImg8bit.png"
+    images = sorted(glob.glob(os.path.join(data_root, "leftImg8bit", split, "*", "*" + suffix)))
+    if not images:
+        raise FileNotFoundError(f"no *{suffix} images in {os.path.join(data_root, 'leftImg8bit', split)}")
+    lines, missing = [], []
+    for path in images:
+        city = os.path.basename(os.path.dirname(path))
+        name = os.path.basename(path)[: -len(suffix)]
+        image = f"leftImg8bit/{split}/{city}/{name}{suffix}"
+        mask = f"gtFine/{split}/{city}/{name}_gtFine_labelTrainIds.png"
+        if not os.path.isfile(os.path.join(data_root, mask)):
+            missing.append(mask)
+        lines.append(f"{image} {mask}")
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} Cityscapes masks are missing, e.g. {os.path.join(data_root, missing[0])} "
+            "(create the *_labelTrainIds.png files with cityscapesscripts' createTrainIdLabelImgs)"
+        )
+    return lines
+
+
+def coco_list(data_root, split):
+    """``<split>/<id>.jpg masks/<split>/<id>.png`` (UniMatch's COCO layout)."""
+    images = sorted(glob.glob(os.path.join(data_root, split, "*.jpg")))
+    if not images:
+        raise FileNotFoundError(f"no .jpg images in {os.path.join(data_root, split)}")
+    lines, missing = [], []
+    for path in images:
+        name = os.path.splitext(os.path.basename(path))[0]
+        mask = f"masks/{split}/{name}.png"
+        if not os.path.isfile(os.path.join(data_root, mask)):
+            missing.append(mask)
+        lines.append(f"{split}/{name}.jpg {mask}")
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} COCO masks are missing, e.g. {os.path.join(data_root, missing[0])}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# Presets
+
+
+def write_pascal(data_root, out, seed=0):
+    train_aug, classic, val = pascal_lists(data_root)
+    write_list(os.path.join(out, "train.txt"), train_aug)
+    write_list(os.path.join(out, "val.txt"), val)
+    for num in PASCAL_COUNTS:
+        if num > len(classic):
+            print(f"skipping {num}: the classic train list has only {len(classic)} images", file=sys.stderr)
+            continue
+        labeled, unlabeled = split_labeled(
+            train_aug, classic, num=num, seed=seed, pool_name="classic train list"
+        )
+        write_split(os.path.join(out, str(num)), labeled, unlabeled)
+    for name in PASCAL_FRACTIONS:
+        write_split(os.path.join(out, name), *split_labeled(train_aug, fraction=name, seed=seed))
+
+
+def write_fraction_preset(train, val, out, fractions, seed=0):
+    write_list(os.path.join(out, "train.txt"), train)
+    write_list(os.path.join(out, "val.txt"), val)
+    for name in fractions:
+        write_split(os.path.join(out, name), *split_labeled(train, fraction=name, seed=seed))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="dataset", required=True)
+    for name in ("pascal", "cityscapes", "coco"):
+        preset = commands.add_parser(name, help=f"standard {name} splits")
+        preset.add_argument("--data-root", required=True)
+        preset.add_argument("--out", default=os.path.join("splits", name))
+        preset.add_argument("--seed", type=int, default=0)
+    custom = commands.add_parser("custom", help="one split from a training list")
+    custom.add_argument("--train-list", required=True, help="all training lines '<image> <mask>'")
+    custom.add_argument("--pool", help="draw the labeled lines from this subset of the training list")
+    amount = custom.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--num", type=int, help="number of labeled samples")
+    amount.add_argument("--fraction", help="fraction of the pool, e.g. 1/8, 1_8 or 0.125 (rounded up)")
+    custom.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
+    custom.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.dataset == "pascal":
+            write_pascal(args.data_root, args.out, args.seed)
+        elif args.dataset == "cityscapes":
+            train = cityscapes_list(args.data_root, "train")
+            val = cityscapes_list(args.data_root, "val")
+            write_fraction_preset(train, val, args.out, CITYSCAPES_FRACTIONS, args.seed)
+        elif args.dataset == "coco":
+            train = coco_list(args.data_root, "train2017")
+            val = coco_list(args.data_root, "val2017")
+            write_fraction_preset(train, val, args.out, COCO_FRACTIONS, args.seed)
+        else:
+            train = read_list(args.train_list)
+            pool = read_list(args.pool) if args.pool else None
+            labeled, unlabeled = split_labeled(
+                train,
+                pool,
+                num=args.num,
+                fraction=args.fraction,
+                seed=args.seed,
+                train_name=args.train_list,
+                pool_name=args.pool or "pool",
+            )
+            write_split(args.out, labeled, unlabeled)
+    except (OSError, ValueError) as e:
+        parser.exit(1, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

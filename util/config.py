@@ -1,0 +1,246 @@
+"""YAML configs: defaults, command-line overrides and validation.
+
+A config is a flat YAML file (as in UniMatch) plus one section per method (`uccl:`, `mlcl:`, ...).
+Every key is declared in SCHEMA below with its type and default, so a typo or a wrong type stops the
+run before anything is written, with a message that names the key and the file.
+"""
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type, out of range, or names a path that does not exist."""
+
+
+@dataclass(frozen=True)
+class Key:
+    types: tuple  # accepted Python types; int is accepted where float is
+    default: Any = None
+    choices: tuple | None = None
+    optional: bool = False  # None is a valid value
+    item_type: type | None = None  # element type for lists
+    length: int | None = None  # exact list length
+    help: str = ""
+
+
+def _k(types, default=None, **kw):
+    return Key(types if isinstance(types, tuple) else (types,), default, **kw)
+
+
+SCHEMA: dict[str, Any] = {
+    # --- data ---
+    "dataset": _k(str, help="pascal | cityscapes | coco | demo | any name for a custom dataset"),
+    "data_root": _k(str, help="folder the split files' paths are relative to"),
+    "nclass": _k(int),
+    "crop_size": _k(int),
+    "labeled_id_path": _k(str, optional=True),
+    "unlabeled_id_path": _k(str, optional=True),
+    "val_id_path": _k(str),
+    "allow_outside_data_root": _k(bool, False, help="let split files name paths outside data_root"),
+    "mix_partner": _k(
+        str,
+        "same_image",
+        choices=("same_image", "other_image"),
+        help="CutMix partner: another augmentation of the same image (UniMatch as released) or another image",
+    ),
+    # --- model ---
+    "backbone": _k(str, "resnet101", choices=("resnet18", "resnet34", "resnet50", "resnet101")),
+    "deep_stem": _k(bool, False),
+    "output_stride": _k(int, 16, choices=(8, 16)),
+    "dilations": _k(list, [6, 12, 18], item_type=int, length=3),
+    "pretrained": _k(str, None, optional=True, help="ImageNet backbone weights (torchvision or deep-stem)"),
+    "backbone_width": _k(int, 64, help="ResNet base width; only 64 fits pretrained weights"),
+    "head_channels": _k(int, 256),
+    # --- optimisation ---
+    "epochs": _k(int),
+    "max_iters": _k(int, None, optional=True, help="stop after this many iterations (overrides epochs)"),
+    "batch_size": _k(int, help="per process, for the labeled and the unlabeled loader each"),
+    "lr": _k(float),
+    "lr_multi": _k(float, 10.0, help="learning-rate factor of the head (everything but the backbone)"),
+    "momentum": _k(float, 0.9),
+    "weight_decay": _k(float, 1e-4),
+    "poly_power": _k(float, 0.9),
+    "criterion": _k(str, "CELoss", choices=("CELoss", "OHEM")),
+    "ohem_thresh": _k(float, 0.7),
+    "ohem_min_kept": _k(int, 200000),
+    "conf_thresh": _k(float, 0.95),
+    # --- runtime ---
+    "amp": _k(str, "none", choices=("none", "bf16", "fp16")),
+    "seed": _k(int, 0),
+    "deterministic": _k(bool, False, help="deterministic kernels (slower); bit-exact resume on the CPU"),
+    "num_workers": _k(int, 2),
+    "eval_interval": _k(int, 0, help="evaluate every N iterations; 0 = at the end of every epoch"),
+    "save_interval": _k(int, 0, help="write latest.pth every N iterations; 0 = only at evaluations"),
+    "log_interval": _k(int, 20),
+    # --- evaluation ---
+    "eval_mode": _k(str, "original", choices=("original", "center_crop", "sliding_window")),
+    "eval_flip": _k(bool, False),
+    "eval_scales": _k(list, [1.0], item_type=float),
+    # --- demo data (used when dataset is 'demo': generated in data_root on first use) ---
+    "demo": {
+        "num_train": _k(int, 1000),
+        "num_val": _k(int, 100),
+        "size": _k(int, 64),
+        "labeled_fraction": _k(float, 0.02),
+        "seed": _k(int, 0),
+    },
+}
+
+
+def defaults(schema=SCHEMA) -> dict:
+    return {
+        name: defaults(spec) if isinstance(spec, dict) else _copy(spec.default)
+        for name, spec in schema.items()
+    }
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else value
+
+
+def _type_ok(value, spec: Key) -> bool:
+    if value is None:
+        return spec.optional
+    if isinstance(value, bool) and bool not in spec.types:
+        return False  # YAML `true` must not pass as an int
+    if isinstance(value, int) and float in spec.types:
+        return True
+    return isinstance(value, spec.types)
+
+
+def _type_name(spec: Key) -> str:
+    name = " or ".join(t.__name__ for t in spec.types)
+    if spec.item_type is not None:
+        name += f" of {spec.item_type.__name__}"
+    return name + (" or null" if spec.optional else "")
+
+
+def validate(cfg: dict, source: str, schema=SCHEMA, prefix: str = "") -> dict:
+    """Check every key of `cfg` against `schema`; fill in defaults; return the merged dict.
+
+    Missing keys without a default (None and not optional) are errors. Raises ConfigError naming the key
+    and `source` (the config file).
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: section '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    out = {}
+    for name, value in cfg.items():
+        full = prefix + str(name)
+        if name not in schema:
+            close = difflib.get_close_matches(str(name), list(schema), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{full}'{hint}")
+        spec = schema[name]
+        if isinstance(spec, dict):
+            out[name] = validate(value if value is not None else {}, source, spec, full + ".")
+            continue
+        if not _type_ok(value, spec):
+            raise ConfigError(
+                f"{source}: key '{full}' must be {_type_name(spec)}, got {type(value).__name__} {value!r}"
+            )
+        if isinstance(value, list):
+            if spec.length is not None and len(value) != spec.length:
+                raise ConfigError(f"{source}: key '{full}' must have {spec.length} items, got {value!r}")
+            item_types = (int, float) if spec.item_type is float else (spec.item_type,)
+            if spec.item_type is not None and not all(
+                isinstance(v, item_types) and not isinstance(v, bool) for v in value
+            ):
+                raise ConfigError(f"{source}: key '{full}' must be a list of {spec.item_type.__name__}")
+        if spec.choices is not None and value not in spec.choices:
+            raise ConfigError(f"{source}: key '{full}' must be one of {list(spec.choices)}, got {value!r}")
+        out[name] = float(value) if float in spec.types and isinstance(value, int) else value
+    for name, spec in schema.items():
+        if name in out:
+            continue
+        if isinstance(spec, dict):
+            out[name] = validate({}, source, spec, prefix + name + ".")
+        elif spec.default is None and not spec.optional:
+            raise ConfigError(f"{source}: required key '{prefix}{name}' is missing")
+        else:
+            out[name] = _copy(spec.default)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'uccl.sbu_weight=0.5' -> (['uccl', 'sbu_weight'], 0.5); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"command-line override '{text}' must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"command-line override '{text}': value is not valid YAML ({err})") from err
+    return key.strip().split("."), value
+
+
+def load_config(path: str, overrides: list[str] = ()) -> dict:
+    """Read a YAML config, apply `key=value` overrides, validate it and check the paths it names."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command-line override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    source = path + (" (with command-line overrides)" if overrides else "")
+    cfg = validate(raw, source)
+    check_values(cfg, source)
+    return cfg
+
+
+def check_values(cfg: dict, source: str) -> None:
+    """Ranges and relations between keys that a type check cannot express."""
+    positive = ["nclass", "crop_size", "epochs", "batch_size", "head_channels", "backbone_width"]
+    for key in positive:
+        if cfg[key] <= 0:
+            raise ConfigError(f"{source}: key '{key}' must be positive, got {cfg[key]}")
+    if cfg["max_iters"] is not None and cfg["max_iters"] <= 0:
+        raise ConfigError(f"{source}: key 'max_iters' must be positive or null, got {cfg['max_iters']}")
+    if not 0.0 <= cfg["conf_thresh"] <= 1.0:
+        raise ConfigError(f"{source}: key 'conf_thresh' must lie in [0, 1], got {cfg['conf_thresh']}")
+    if cfg["lr"] <= 0:
+        raise ConfigError(f"{source}: key 'lr' must be positive, got {cfg['lr']}")
+    if cfg["num_workers"] < 0:
+        raise ConfigError(f"{source}: key 'num_workers' must be >= 0, got {cfg['num_workers']}")
+    if cfg["deep_stem"] and cfg["backbone"] in ("resnet18", "resnet34"):
+        raise ConfigError(f"{source}: key 'deep_stem' is only available for resnet50/resnet101")
+    if cfg["nclass"] > 255:
+        raise ConfigError(f"{source}: key 'nclass' must be at most 255 (255 is the ignore label)")
+    if not cfg["eval_scales"] or any(s <= 0 for s in cfg["eval_scales"]):
+        raise ConfigError(f"{source}: key 'eval_scales' must be a non-empty list of positive numbers")
+
+
+def check_paths(cfg: dict, source: str, need_unlabeled: bool) -> None:
+    """Paths must exist before training starts (the demo dataset is generated before this check)."""
+    required = [
+        ("data_root", os.path.isdir),
+        ("labeled_id_path", os.path.isfile),
+        ("val_id_path", os.path.isfile),
+    ]
+    if need_unlabeled:
+        required.append(("unlabeled_id_path", os.path.isfile))
+    for key, exists in required:
+        value = cfg[key]
+        if value is None:
+            raise ConfigError(
+                f"{source}: key '{key}' is required (set it in the config or on the command line)"
+            )
+        if not exists(value):
+            raise ConfigError(f"{source}: key '{key}' names a path that does not exist: {value}")
+    if cfg["pretrained"] is not None and not os.path.isfile(cfg["pretrained"]):
+        raise ConfigError(f"{source}: key 'pretrained' names a file that does not exist: {cfg['pretrained']}")

@@ -1,0 +1,112 @@
+"""Data loaders whose order and augmentations are a pure function of (seed, epoch, position).
+
+Each training sample is drawn together with its own random seed, and the dataset re-seeds Python's and
+torch's RNGs with it before augmenting. So the stream does not depend on the number of loader workers,
+and a run restarted in the middle of an epoch sees exactly the samples an uninterrupted run would have.
+"""
+
+import hashlib
+import random
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from util.dist import get_rank, get_world_size
+
+
+def _mix(*parts) -> int:
+    """A 63-bit integer that depends on every part (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededSampler(Sampler):
+    """DistributedSampler-like: shuffled per epoch, split across ranks, full batches only.
+
+    Yields (index, sample_seed) pairs. Every rank draws the same permutation, keeps a contiguous share of
+    whole batches (drop_last), and starts at `start_batch` when resuming inside an epoch.
+    `order_seed` decides the permutation and `aug_seed` the augmentations, so two loaders can go
+    through the same images in the same order with independent augmentations (UniMatch's mix stream).
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, order_seed: int, aug_seed: int, shuffle: bool = True
+    ):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.order_seed = order_seed
+        self.aug_seed = aug_seed
+        self.shuffle = shuffle
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.epoch = 0
+        self.start_batch = 0
+        per_rank = num_samples // self.world_size
+        self.batches_per_epoch = per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{num_samples} samples cannot fill one batch of {batch_size} on each of {self.world_size} "
+                "process(es); lower batch_size or use more data"
+            )
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_mix(self.order_seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        # Rank r takes positions r, r + world, r + 2*world, ... as DistributedSampler does.
+        positions = list(
+            range(self.rank, self.world_size * self.batches_per_epoch * self.batch_size, self.world_size)
+        )
+        positions = positions[self.start_batch * self.batch_size :]
+        epoch_seed = _mix(self.aug_seed, self.epoch)
+        for pos in positions:
+            yield order[pos], (epoch_seed + pos) % (2**63)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that __getitem__((index, seed)) augments with RNGs seeded by `seed`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        in_main_process = get_worker_info() is None
+        if in_main_process:  # num_workers=0: keep the training RNG (dropout, ...) untouched
+            saved = random.getstate(), torch.get_rng_state()
+        random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA streams stay as they are
+        try:
+            return self.dataset[index]
+        finally:
+            if in_main_process:
+                random.setstate(saved[0])
+                torch.set_rng_state(saved[1])
+
+
+def train_loader(
+    dataset, batch_size: int, order_seed: int, aug_seed: int, num_workers: int, pin_memory: bool
+):
+    sampler = SeededSampler(len(dataset), batch_size, order_seed, aug_seed)
+    loader = DataLoader(
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        # Its own generator: creating an iterator draws a worker seed, which must not move the global
+        # RNG (that would shift dropout masks after a resume). Samples are re-seeded anyway.
+        generator=torch.Generator(),
+    )
+    return loader, sampler
