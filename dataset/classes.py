@@ -28,8 +28,8 @@ COCO_CLASSES = (
     "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
 
-# Fallback only: the synthetic demo dataset owns its class list (dataset.demo.DEMO_CLASSES), see _demo_names.
-DEMO_CLASSES = ("background", "disc", "rectangle", "triangle", "cross", "ring")
+# The synthetic demo dataset (dataset/demo.py draws one shape per class index).
+DEMO_CLASSES = ("background", "ellipse", "rectangle", "triangle", "cross", "ring")
 
 CLASS_NAMES = {
     "pascal": PASCAL_CLASSES,
@@ -46,24 +46,9 @@ CITYSCAPES_COLORS = (
 )  # fmt: skip
 
 
-def _demo_names():
-    # Imported lazily: dataset.demo may import this module, and it may not exist yet.
-    try:
-        from dataset.demo import DEMO_CLASSES as names
-    except ImportError:
-        return DEMO_CLASSES
-    return tuple(names)
-
-
-def _known_names(dataset):
-    if dataset == "demo":
-        return _demo_names()
-    return CLASS_NAMES.get(dataset)
-
-
 def class_names(dataset, nclass):
     """The dataset's class names if it is known and has `nclass` classes, else ('class_0', 'class_1', ...)."""
-    names = _known_names(dataset)
+    names = CLASS_NAMES.get(dataset)
     if names is not None and len(names) == nclass:
         return tuple(names)
     return tuple(f"class_{i}" for i in range(nclass))

@@ -1,11 +1,12 @@
 """A small synthetic segmentation dataset for demos, tests and CPU smoke runs.
 
 Each image shows a few random shapes (ellipse, rectangle, triangle, cross, ring) on a
-textured background. Shapes and background draw their colours and textures from the
-same distribution, so a pixel's colour says nothing about its class: the network has
-to recognise outlines. Shapes vary in scale, aspect and rotation and may overlap; the
-mask shows the shape on top. This is what makes a handful of labeled images
-insufficient and unlabeled images useful.
+background with a fine texture (stripes, checkerboard, blobs or grain). Shapes and
+background draw their colours from the same uniform distribution, so a pixel's colour
+says nothing about its class: the background is told apart by its texture, the shapes
+from each other by their outlines only. Shapes vary in scale, aspect and rotation and
+overlap (the mask shows the shape on top). Recognising outlines from a handful of
+labeled images is hard, which leaves room for unlabeled images to help.
 
 Layout (Pascal VOC style, the split files use the usual ``<image> <mask>`` lines)::
 
@@ -29,15 +30,16 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dataset.classes import palette
-
-DEMO_CLASSES = ("background", "ellipse", "rectangle", "triangle", "cross", "ring")
+from dataset.classes import DEMO_CLASSES, palette
 
 MARKER = ".complete"
 
 # Shapes are drawn this many times larger and box-filtered down, which gives
 # anti-aliased image edges; the mask takes the class where the coverage is >= 50%.
 _SUPERSAMPLE = 4
+
+# Least RGB distance between the two colours a texture blends (at contrast 1).
+_TEXTURE_COLOR_DISTANCE = 120.0
 
 
 def generate_demo(
@@ -47,39 +49,42 @@ def generate_demo(
     size=64,
     labeled_fraction=0.02,
     seed=0,
-    shapes_per_image=(2, 5),
-    shape_size=(0.12, 0.35),
-    texture_contrast=0.6,
+    shapes_per_image=(2, 4),
+    shape_size=(0.15, 0.35),
+    max_rotation=180.0,
+    color_shift=96.0,
+    background_contrast=0.8,
+    shape_texture=0.0,
+    shape_shading=0.4,
     min_color_distance=60.0,
-    noise_std=6.0,
+    noise_std=5.0,
     jpeg_quality=90,
 ):
     """Write the demo dataset to ``root`` (overwriting what is there) and return ``root``.
 
-    Difficulty knobs:
+    Difficulty knobs (the defaults are meant to be tuned):
       shapes_per_image: inclusive (min, max) number of shapes per image.
       shape_size: (min, max) shape radius as a fraction of the image size.
-      texture_contrast: 0 gives flat colours, 1 textures spanning two unrelated colours.
-      min_color_distance: least RGB distance between a shape's mean colour and the
-        background's; smaller values hide more shapes in the background.
+      max_rotation: shapes turn by U(-max_rotation, max_rotation) degrees; 0 keeps them
+        upright, so edge directions help tell the classes apart.
+      color_shift: background colours are drawn from U(0, 255 - shift) per channel, shape
+        colours from U(shift, 255): 0 makes colour useless for telling shapes from the
+        background, larger values make the background darker on average (an easy cue
+        that gets training started). Colour never tells the shape classes apart.
+      background_contrast: strength of the background texture; 0 gives a flat background.
+      shape_texture: strength of the same kind of texture inside the shapes; with 0 only
+        the texture tells the background from the shapes, at 1 it does not.
+      shape_shading: strength of a smooth brightness ramp across each shape.
+      min_color_distance: least RGB distance between a shape's colour and the
+        background's mean colour; smaller values hide more shapes in the background.
       noise_std: standard deviation of the per-pixel Gaussian noise (0-255 scale).
       jpeg_quality: quality of the saved JPEGs (compression adds mild artefacts).
     """
-    params = dict(
-        num_train=num_train,
-        num_val=num_val,
-        size=size,
-        labeled_fraction=labeled_fraction,
-        seed=seed,
-        shapes_per_image=list(shapes_per_image),
-        shape_size=list(shape_size),
-        texture_contrast=texture_contrast,
-        min_color_distance=min_color_distance,
-        noise_std=noise_std,
-        jpeg_quality=jpeg_quality,
-    )
+    arguments = dict(locals())  # first statement: exactly the arguments, by name
     if num_train < 1:
         raise ValueError(f"num_train must be at least 1, got {num_train}")
+    params = demo_params(**{k: v for k, v in arguments.items() if k != "root"})
+    look = {k: v for k, v in arguments.items() if k in inspect.signature(render_sample).parameters}
 
     # Remove the marker first: if we are interrupted, the next ensure_demo starts over.
     marker = os.path.join(root, MARKER)
@@ -98,16 +103,13 @@ def generate_demo(
         for i, name in enumerate(ids[split]):
             # One generator per image: the content of an image does not depend on the others.
             rng = np.random.default_rng([seed, split_index, i])
-            img, mask = render_sample(
-                rng, size, shapes_per_image, shape_size, texture_contrast, min_color_distance, noise_std
-            )
+            img, mask = render_sample(rng, **look)
             Image.fromarray(img).save(os.path.join(root, "JPEGImages", f"{name}.jpg"), quality=jpeg_quality)
             mask_img = Image.fromarray(mask)
             mask_img.putpalette(mask_palette)  # turns the 'L' image into 'P', keeping the indices
             mask_img.save(os.path.join(root, "SegmentationClass", f"{name}.png"))
 
-    num_labeled = max(1, round(labeled_fraction * num_train))
-    num_labeled = min(num_labeled, num_train)
+    num_labeled = min(max(1, round(labeled_fraction * num_train)), num_train)
     chosen = set(np.random.default_rng([seed, 2]).permutation(num_train)[:num_labeled].tolist())
     labeled = [name for i, name in enumerate(ids["train"]) if i in chosen]
     unlabeled = [name for i, name in enumerate(ids["train"]) if i not in chosen]
@@ -166,36 +168,57 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def render_sample(rng, size, shapes_per_image, shape_size, texture_contrast, min_color_distance, noise_std):
+def render_sample(
+    rng,
+    size,
+    shapes_per_image,
+    shape_size,
+    max_rotation,
+    color_shift,
+    background_contrast,
+    shape_texture,
+    shape_shading,
+    min_color_distance,
+    noise_std,
+):
     """One image (H, W, 3) uint8 and its mask (H, W) uint8."""
-    bg_colors = random_colors(rng, texture_contrast)
+    # Background: two random colours blended by a texture. All shapes take their colours
+    # from one distribution, so colour never tells the shape classes apart; the
+    # background's colours overlap it, a little darker on average (color_shift).
+    bg_colors = two_colors(rng, background_contrast, 0, 255 - color_shift)
     img = paint(random_texture(rng, size), bg_colors)
-    mask = np.zeros((size, size), dtype=np.uint8)
     bg_mean = bg_colors.mean(axis=0)
+    mask = np.zeros((size, size), dtype=np.uint8)
 
     for _ in range(rng.integers(shapes_per_image[0], shapes_per_image[1] + 1)):
         cls = int(rng.integers(1, len(DEMO_CLASSES)))
-        coverage = shape_coverage(rng, cls, size, shape_size)
-        colors = random_colors(rng, texture_contrast)
-        # Same colour distribution as the background, but not (almost) invisible on it.
+        coverage = shape_coverage(rng, cls, size, shape_size, max_rotation)
+        # Redraw colours that would make the shape (almost) invisible on the background.
         for _ in range(20):
-            if np.linalg.norm(colors.mean(axis=0) - bg_mean) >= min_color_distance:
+            colors = two_colors(rng, shape_texture, color_shift, 255)
+            if np.linalg.norm(colors[0] - bg_mean) >= min_color_distance:
                 break
-            colors = random_colors(rng, texture_contrast)
-        fill = paint(random_texture(rng, size), colors)
+        fill = paint(random_texture(rng, size), colors) * shading(rng, size, shape_shading)[..., None]
         alpha = coverage[..., None]
         img = img * (1 - alpha) + fill * alpha
-        mask[coverage >= 0.5] = cls
+        mask[coverage >= 0.5] = cls  # later shapes occlude earlier ones
 
     img = img + rng.normal(0.0, noise_std, img.shape)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), mask
 
 
-def random_colors(rng, contrast):
-    """Two RGB colours (2, 3); ``contrast`` pulls the second one away from the first."""
-    first = rng.uniform(0, 255, 3)
-    second = first + contrast * (rng.uniform(0, 255, 3) - first)
-    return np.stack([first, second])
+def two_colors(rng, contrast, low=0, high=255):
+    """Two RGB colours (2, 3) in [low, high]: a uniform one, and one ``contrast`` of the way to another.
+
+    The other colour is drawn far enough away that ``contrast`` alone sets how visible
+    a texture painted with the pair is.
+    """
+    first = rng.uniform(low, high, 3)
+    for _ in range(20):
+        other = rng.uniform(low, high, 3)
+        if np.linalg.norm(other - first) >= _TEXTURE_COLOR_DISTANCE:
+            break
+    return np.stack([first, first + contrast * (other - first)])
 
 
 def paint(texture, colors):
@@ -204,23 +227,34 @@ def paint(texture, colors):
 
 
 def random_texture(rng, size):
-    """A (size, size) field in [0, 1]: stripes, a gradient, smooth blobs or fine noise."""
+    """A (size, size) field in [0, 1]: stripes, blobs, grain or a checkerboard."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     angle = rng.uniform(0, 2 * math.pi)
     along = xx * math.cos(angle) + yy * math.sin(angle)
+    across = -xx * math.sin(angle) + yy * math.cos(angle)
     kind = rng.integers(4)
-    if kind == 0:
-        cycles = rng.uniform(2, 8)
+    if kind == 0:  # stripes
+        cycles = rng.uniform(0.1, 0.2) * size
         return 0.5 + 0.5 * np.sin(2 * math.pi * cycles * along + rng.uniform(0, 2 * math.pi))
-    if kind == 1:
-        return (along - along.min()) / (along.max() - along.min())
-    # Blobs (coarse grid) or grain (fine grid): upsample random values smoothly.
-    cells = int(rng.integers(2, 5)) if kind == 2 else max(2, size // 4)
+    if kind == 1:  # rotated checkerboard
+        cycles = rng.uniform(0.06, 0.12) * size
+        return ((np.floor(cycles * along) + np.floor(cycles * across)) % 2).astype(np.float64)
+    # Blobs (coarse grid) or grain (fine grid): random values upsampled smoothly.
+    cells = max(2, int(rng.uniform(0.12, 0.2) * size) if kind == 2 else size // 4)
     coarse = Image.fromarray(rng.uniform(0, 1, (cells, cells)).astype(np.float32))
     return np.asarray(coarse.resize((size, size), Image.BICUBIC)).clip(0, 1).astype(np.float64)
 
 
-def shape_coverage(rng, cls, size, shape_size):
+def shading(rng, size, strength):
+    """A smooth brightness ramp (size, size) around 1, for a little 3-D look."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = xx * math.cos(angle) + yy * math.sin(angle)
+    ramp = (ramp - ramp.min()) / (ramp.max() - ramp.min())
+    return 1 + strength * (ramp - 0.5)
+
+
+def shape_coverage(rng, cls, size, shape_size, max_rotation=180.0):
     """Draw one shape of class ``cls`` at a random place, scale and angle.
 
     Returns its coverage (size, size) in [0, 1] (the anti-aliased alpha).
@@ -228,7 +262,7 @@ def shape_coverage(rng, cls, size, shape_size):
     big = size * _SUPERSAMPLE
     radius = rng.uniform(*shape_size) * big
     center = rng.uniform(0.1, 0.9, 2) * big
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = math.radians(rng.uniform(-max_rotation, max_rotation))
 
     name = DEMO_CLASSES[cls]
     canvas = Image.new("L", (big, big), 0)

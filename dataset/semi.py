@@ -40,7 +40,8 @@ class SemiDataset(torch.utils.data.Dataset):
       crop padding and 0 elsewhere, the boxes are (S, S) long 0/1 CutMix regions.
 
     ``nsample`` (``train_l`` only) repeats the labeled list up to ``nsample`` items so
-    that one epoch over the labeled set is as long as one over the unlabeled set.
+    that one epoch over the labeled set is as long as one over the unlabeled set; a
+    list already longer than ``nsample`` is kept whole.
     """
 
     def __init__(
