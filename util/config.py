@@ -87,6 +87,7 @@ SCHEMA: dict[str, Any] = {
         "num_val": _k(int, 100),
         "size": _k(int, 64),
         "labeled_fraction": _k(float, 0.02),
+        "max_rotation": _k(float, 0.0, help="shapes turn by up to this many degrees"),
         "seed": _k(int, 0),
     },
 }
