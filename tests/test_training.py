@@ -139,3 +139,27 @@ def test_bad_inputs_stop_with_a_message(tiny_config, tmp_path):
     )
     assert str(mask_path) in out and "9" in out
     assert (save / "best.pth").read_bytes() == before
+
+
+def test_bf16_autocast_trains_with_finite_weights(tiny_config, tmp_path):
+    save = tmp_path / "bf16"
+    run(
+        [
+            sys.executable,
+            "unimatch.py",
+            "--config",
+            tiny_config,
+            "--save-path",
+            str(save),
+            "amp=bf16",
+            "max_iters=2",
+        ]
+    )
+    state = torch.load(save / "latest.pth", weights_only=True)
+    assert state["iteration"] == 2 and state["cfg"]["amp"] == "bf16"
+    # Weights stay float32 (autocast only changes the compute dtype) and finite.
+    assert all(
+        v.dtype == torch.float32 and torch.isfinite(v).all()
+        for v in state["model"].values()
+        if v.is_floating_point()
+    )
