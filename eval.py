@@ -24,7 +24,7 @@ from model import build_model
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup, init_distributed
-from util.engine import prepare_demo_data
+from util.engine import AMP_DTYPES, prepare_demo_data
 from util.metrics import ShardSampler, evaluate, format_iou_table
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     on_prediction = None
     if args.save_vis:
         on_prediction = VisualisationWriter(args.save_vis, palette(cfg["dataset"], cfg["nclass"]))
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["amp"]]
+    amp_dtype = AMP_DTYPES[cfg["amp"]]
     flip = args.flip or cfg["eval_flip"]
     result = evaluate(
         model, loader, cfg["nclass"], mode=mode, crop_size=cfg["crop_size"], flip=flip, scales=scales,

@@ -59,6 +59,9 @@ class Method:
             )
 
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float) -> float:
     """UniMatch's poly schedule: it updates the lr after each optimizer step, so step 0 uses the base lr
     and step t >= 1 uses base * (1 - (t - 1) / total) ** power."""
@@ -189,7 +192,7 @@ class Trainer:
             momentum=cfg["momentum"],
             weight_decay=cfg["weight_decay"],
         )
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["amp"]]
+        self.amp_dtype = AMP_DTYPES[cfg["amp"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
         self.method = method_cls(self.model, cfg, build_labeled_criterion(cfg))
 
