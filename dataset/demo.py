@@ -1,12 +1,12 @@
 """A small synthetic segmentation dataset for demos, tests and CPU smoke runs.
 
 Each image shows a few random shapes (ellipse, rectangle, triangle, cross, ring) on a
-background with a fine texture (stripes, checkerboard, blobs or grain). Shapes and
-background draw their colours from the same uniform distribution, so a pixel's colour
-says nothing about its class: the background is told apart by its texture, the shapes
-from each other by their outlines only. Shapes vary in scale, aspect and rotation and
-overlap (the mask shows the shape on top). Recognising outlines from a handful of
-labeled images is hard, which leaves room for unlabeled images to help.
+background with a fine texture (stripes, checkerboard, blobs or grain). Every shape draws
+its colour from the same distribution, so colour never tells the shape classes apart; the
+background is told apart by its texture (and is darker on average, ``color_shift``), the
+shapes from each other by their outlines only. Shapes vary in scale and aspect (and in
+rotation with ``max_rotation``) and overlap (the mask shows the shape on top). Recognising
+outlines from a handful of labeled images is hard, which leaves room for unlabeled images.
 
 Layout (Pascal VOC style, the split files use the usual ``<image> <mask>`` lines)::
 
@@ -51,7 +51,7 @@ def generate_demo(
     seed=0,
     shapes_per_image=(2, 4),
     shape_size=(0.15, 0.35),
-    max_rotation=180.0,
+    max_rotation=0.0,
     color_shift=96.0,
     background_contrast=0.8,
     shape_texture=0.0,
@@ -62,7 +62,7 @@ def generate_demo(
 ):
     """Write the demo dataset to ``root`` (overwriting what is there) and return ``root``.
 
-    Difficulty knobs (the defaults are meant to be tuned):
+    Difficulty knobs (the defaults make the dataset of configs/demo.yaml):
       shapes_per_image: inclusive (min, max) number of shapes per image.
       shape_size: (min, max) shape radius as a fraction of the image size.
       max_rotation: shapes turn by U(-max_rotation, max_rotation) degrees; 0 keeps them
@@ -254,7 +254,7 @@ def shading(rng, size, strength):
     return 1 + strength * (ramp - 0.5)
 
 
-def shape_coverage(rng, cls, size, shape_size, max_rotation=180.0):
+def shape_coverage(rng, cls, size, shape_size, max_rotation=0.0):
     """Draw one shape of class ``cls`` at a random place, scale and angle.
 
     Returns its coverage (size, size) in [0, 1] (the anti-aliased alpha).
