@@ -7,6 +7,7 @@ CutMixed strong views and feature-level perturbation (channel dropout) on the we
 """
 
 import torch
+import torch.nn.functional as F
 
 from util.engine import Method, main
 from util.losses import confident_cross_entropy
@@ -16,6 +17,26 @@ def cutmix(image: torch.Tensor, image_mix: torch.Tensor, box: torch.Tensor) -> t
     """Paste `image_mix` into `image` where the box (B, H, W) is 1; on the device, no copies per image."""
     box = box.bool()
     return torch.where(box.unsqueeze(1) if image.dim() == 4 else box, image_mix, image)
+
+
+def sample_to_grid(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Sample a full-resolution map (B, H, W) at the pixels a feature grid (h, w) sits on.
+
+    The feature pixel i of a stride-4 map looks at input pixel round(i * (H - 1) / (h - 1)), the
+    align_corners=True convention used for every resize in the model; for H = 4h - 3 (321, 513, 801) this
+    is exactly mask[:, ::4, ::4]. Nearest sampling keeps labels and the ignore value 255 intact.
+    """
+    height, width = mask.shape[-2:]
+    rows = torch.linspace(0, height - 1, size[0], device=mask.device).round().long()
+    cols = torch.linspace(0, width - 1, size[1], device=mask.device).round().long()
+    return mask[..., rows[:, None], cols[None, :]]
+
+
+def resize_feature(feature: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=True, as in the decoder); a no-op when the size already matches."""
+    if feature.shape[-2:] == torch.Size(size):
+        return feature
+    return F.interpolate(feature, size=size, mode="bilinear", align_corners=True)
 
 
 class UniMatch(Method):
@@ -36,7 +57,8 @@ class UniMatch(Method):
         # Pseudo-labels for the pasted regions come from an eval-mode forward of the mix images.
         with torch.no_grad():
             model.eval()
-            pred_u_w_mix = model(img_u_w_mix).detach()
+            out_mix = model(img_u_w_mix, need_feature=self.need_feature)
+            pred_u_w_mix = out_mix["logits"] if self.need_feature else out_mix
             conf_u_w_mix, mask_u_w_mix = pred_u_w_mix.softmax(dim=1).max(dim=1)
         model.train()
 
@@ -75,12 +97,31 @@ class UniMatch(Method):
             conf_u_w_cutmixed2=conf_u_w_cutmixed2, ignore_mask_cutmixed2=ignore_mask_cutmixed2,
         )  # fmt: skip
         if self.need_feature:
-            # Decoder features (B, C, h, w) of the weak view (clean half) and of the two strong views.
-            result["feat_u_w"] = out["feature"][num_lb:]
-            result["feat_u_s1"], result["feat_u_s2"] = out_s["feature"].chunk(2)
-            result["logits_low_u_w"] = out["logits_low"][num_lb:]
-            result["logits_low_u_s1"], result["logits_low_u_s2"] = out_s["logits_low"].chunk(2)
+            # Features of the weak view (clean half of the FP pass, with gradient), of the mix image (eval
+            # mode, no gradient) and of the two CutMixed strong views: 'feat' is the decoder feature
+            # (B, C, h, w) at stride 4, 'enc' the encoder output (ASPP) at stride 16, 'logits_low' the
+            # classifier output at stride 4 (B, K, h, w).
+            for name, key in (("feat", "feature"), ("enc", "encoder_feature"), ("logits_low", "logits_low")):
+                result[f"{name}_u_w"] = out[key][num_lb:]
+                result[f"{name}_u_w_mix"] = out_mix[key]
+                result[f"{name}_u_s1"], result[f"{name}_u_s2"] = out_s[key].chunk(2)
+            result["cutmix_box1"], result["cutmix_box2"] = cutmix_box1, cutmix_box2
         return result
+
+    @staticmethod
+    def weak_cutmixed(p: dict, name: str, k: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The weak view of the content of strong view k, from `p[name + '_u_w']` and `p[name + '_u_w_mix']`
+        resized to `size` (default: their own resolution).
+
+        Strong view k is u_s_k with its box pasted from the mix image; its pixel-aligned weak counterpart
+        is u_w with the same box pasted from the mix image. Pasting the two weak forwards' outputs gives it
+        without a forward pass of its own (as UniMatch builds the strong views' pseudo-labels). The weak
+        half carries its gradient; the mix half, from the no-grad eval forward, has none.
+        """
+        weak, mix = p[f"{name}_u_w"], p[f"{name}_u_w_mix"]
+        size = tuple(weak.shape[-2:]) if size is None else tuple(size)
+        box = sample_to_grid(p[f"cutmix_box{k}"], size)
+        return cutmix(resize_feature(weak, size), resize_feature(mix, size), box)
 
     def unimatch_losses(self, p: dict) -> tuple[dict, dict]:
         """L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, returned as its weighted terms."""

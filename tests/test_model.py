@@ -146,17 +146,22 @@ def test_deeplab_output_shapes(output_stride):
     assert logits.shape == logits_fp.shape == (2, 3, 32, 48)
     assert not torch.allclose(logits, logits_fp)
 
+    features = {"feature", "logits_low", "encoder_feature", "low_level"}
     out = model(x, need_feature=True)
-    assert set(out) == {"logits", "feature", "logits_low"}
+    assert set(out) == {"logits"} | features
     assert out["logits"].shape == (2, 3, 32, 48)
     assert out["feature"].shape == (2, 32, 8, 12)
     assert out["logits_low"].shape == (2, 3, 8, 12)
+    # the ASPP output, at the backbone's output stride
+    assert out["encoder_feature"].shape == (2, 32, 32 // output_stride, 48 // output_stride)
+    assert out["low_level"].shape[-2:] == (8, 12)
 
     out = model(x, need_fp=True, need_feature=True)
-    assert set(out) == {"logits", "logits_fp", "feature", "logits_low"}
+    assert set(out) == {"logits", "logits_fp"} | features
     assert out["logits_fp"].shape == (2, 3, 32, 48)
     assert out["feature"].shape == (2, 32, 8, 12)
     assert out["logits_low"].shape == (2, 3, 8, 12)
+    assert out["encoder_feature"].shape[0] == out["low_level"].shape[0] == 2  # the clean half only
 
 
 @torch.no_grad()
@@ -194,6 +199,8 @@ def test_feature_and_classify():
     )
     torch.testing.assert_close(upsampled, out["logits"])
     torch.testing.assert_close(out["logits"], model(x))
+    # the decoder re-run from the returned encoder output and low-level feature gives the same feature
+    torch.testing.assert_close(model.decode(out["low_level"], out["encoder_feature"]), feature)
 
 
 def test_head_sizes():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from unimatch import UniMatch, cutmix
+from unimatch import UniMatch, cutmix, sample_to_grid
 from util.losses import cross_entropy
 
 
@@ -135,3 +135,31 @@ def test_cutmix_pastes_inside_box_only():
     assert mixed[0, :, 1:3, 1:3].eq(1).all() and mixed.sum() == 3 * 4
     labels = cutmix(torch.zeros(2, 4, 4, dtype=torch.long), torch.full((2, 4, 4), 7), box)
     assert labels.sum() == 7 * 4
+
+
+def test_sample_to_grid_is_stride_4_subsampling_for_4h_minus_3():
+    mask = torch.arange(2 * 13 * 9).reshape(2, 13, 9)  # 13 = 4*4 - 3, 9 = 4*3 - 3
+    torch.testing.assert_close(sample_to_grid(mask, (4, 3)), mask[:, ::4, ::4])
+
+
+def test_predict_features_and_weak_view_of_cutmixed_content():
+    from model.semseg.deeplabv3plus import DeepLabV3Plus
+
+    torch.manual_seed(0)
+    model = DeepLabV3Plus("resnet18", nclass=3, dilations=(1, 2, 3), width=8, head_channels=16)
+    method = UniMatch(model, {"conf_thresh": 0.5}, cross_entropy)
+    method.need_feature = True
+    batch = make_batch(B=2, H=33, W=33, K=3)
+    p = method.predict(batch)
+    assert p["feat_u_w"].shape == p["feat_u_w_mix"].shape == p["feat_u_s1"].shape == (2, 16, 9, 9)
+    assert p["enc_u_w"].shape == (2, 16, 3, 3) and p["logits_low_u_s2"].shape == (2, 3, 9, 9)
+    assert p["feat_u_w"].requires_grad and not p["feat_u_w_mix"].requires_grad
+
+    weak = UniMatch.weak_cutmixed(p, "feat", 1)
+    box = batch["unlabeled"][4][:, ::4, ::4].bool()  # 33 = 4*9 - 3: the feature grid is every 4th pixel
+    inside = box.unsqueeze(1).expand_as(weak)
+    torch.testing.assert_close(weak[inside], p["feat_u_w_mix"][inside])
+    torch.testing.assert_close(weak[~inside], p["feat_u_w"][~inside])
+    # at another size, both halves are resized first
+    enc = UniMatch.weak_cutmixed(p, "enc", 2, size=(9, 9))
+    assert enc.shape == (2, 16, 9, 9)

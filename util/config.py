@@ -25,6 +25,8 @@ class Key:
     optional: bool = False  # None is a valid value
     item_type: type | None = None  # element type for lists
     length: int | None = None  # exact list length
+    low: float | None = None  # inclusive bounds of a number
+    high: float | None = None
     help: str = ""
 
 
@@ -152,6 +154,11 @@ def validate(cfg: dict, source: str, schema=SCHEMA, prefix: str = "") -> dict:
                 isinstance(v, item_types) and not isinstance(v, bool) for v in value
             ):
                 raise ConfigError(f"{source}: key '{full}' must be a list of {spec.item_type.__name__}")
+        if value is not None and not isinstance(value, (list, str, bool)):
+            if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
+                low = "-inf" if spec.low is None else spec.low
+                high = "inf" if spec.high is None else spec.high
+                raise ConfigError(f"{source}: key '{full}' must lie in [{low}, {high}], got {value!r}")
         if spec.choices is not None and value not in spec.choices:
             raise ConfigError(f"{source}: key '{full}' must be one of {list(spec.choices)}, got {value!r}")
         out[name] = float(value) if float in spec.types and isinstance(value, int) else value

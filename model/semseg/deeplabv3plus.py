@@ -95,11 +95,11 @@ class DeepLabV3Plus(nn.Module):
         )
         self.classifier = nn.Conv2d(head_channels, nclass, 1)
 
-    def decode(self, c1, c4):
-        """Backbone features -> decoder feature F (B, head_channels, H/4, W/4), non-negative (after ReLU)."""
-        c4 = self.aspp(c4)
-        c4 = F.interpolate(c4, size=c1.shape[-2:], mode="bilinear", align_corners=True)
-        return self.fuse(torch.cat([self.reduce(c1), c4], dim=1))
+    def decode(self, c1, encoder_feature):
+        """Low-level backbone feature c1 (stride 4) and encoder output (ASPP, stride 16) -> decoder feature
+        F (B, head_channels, H/4, W/4), non-negative (after ReLU)."""
+        up = F.interpolate(encoder_feature, size=c1.shape[-2:], mode="bilinear", align_corners=True)
+        return self.fuse(torch.cat([self.reduce(c1), up], dim=1))
 
     def classify(self, feature):
         """Decoder feature (B, head_channels, h, w) -> low-resolution logits (B, K, h, w)."""
@@ -109,7 +109,9 @@ class DeepLabV3Plus(nn.Module):
         """x: (B, 3, H, W).
 
         Returns logits (B, K, H, W); with need_fp a tuple (logits, logits_fp); with need_feature a dict with
-        'logits', 'feature' and 'logits_low' (all of the clean input) and, with need_fp, 'logits_fp'.
+        'logits', 'feature' (decoder, stride 4), 'logits_low' (stride 4), 'encoder_feature' (the encoder's
+        output: ASPP, stride 16) and 'low_level' (backbone c1, stride 4), all of the clean input, and, with
+        need_fp, 'logits_fp'. `decode(low_level, encoder_feature)` re-runs the decoder from the last two.
         """
         h, w = x.shape[-2:]
         c1, _, _, c4 = self.backbone.base_forward(x)
@@ -120,7 +122,8 @@ class DeepLabV3Plus(nn.Module):
             c1 = torch.cat([c1, F.dropout2d(c1, p=0.5, training=True)])
             c4 = torch.cat([c4, F.dropout2d(c4, p=0.5, training=True)])
 
-        feature = self.decode(c1, c4)
+        encoder_feature = self.aspp(c4)
+        feature = self.decode(c1, encoder_feature)
         logits_low = self.classify(feature)
         logits = F.interpolate(logits_low, size=(h, w), mode="bilinear", align_corners=True)
 
@@ -128,12 +131,19 @@ class DeepLabV3Plus(nn.Module):
             logits, logits_fp = logits.chunk(2)
             if not need_feature:
                 return logits, logits_fp
-            feature = feature.chunk(2)[0]
-            logits_low = logits_low.chunk(2)[0]
+            feature, logits_low, encoder_feature, c1 = (
+                t.chunk(2)[0] for t in (feature, logits_low, encoder_feature, c1)
+            )
 
         if not need_feature:
             return logits
-        out = {"logits": logits, "feature": feature, "logits_low": logits_low}
+        out = {
+            "logits": logits,
+            "feature": feature,
+            "logits_low": logits_low,
+            "encoder_feature": encoder_feature,
+            "low_level": c1,
+        }
         if need_fp:
             out["logits_fp"] = logits_fp
         return out
