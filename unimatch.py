@@ -100,8 +100,11 @@ class UniMatch(Method):
             # Features of the weak view (clean half of the FP pass, with gradient), of the mix image (eval
             # mode, no gradient) and of the two CutMixed strong views: 'feat' is the decoder feature
             # (B, C, h, w) at stride 4, 'enc' the encoder output (ASPP) at stride 16, 'logits_low' the
-            # classifier output at stride 4 (B, K, h, w).
-            for name, key in (("feat", "feature"), ("enc", "encoder_feature"), ("logits_low", "logits_low")):
+            # classifier output at stride 4 (B, K, h, w), 'low_level' the backbone's stride-4 feature that
+            # `decode(low_level, enc)` needs to re-run the decoder from a perturbed encoder output.
+            names = ("feat", "enc", "logits_low", "low_level")
+            keys = ("feature", "encoder_feature", "logits_low", "low_level")
+            for name, key in zip(names, keys):
                 result[f"{name}_u_w"] = out[key][num_lb:]
                 result[f"{name}_u_w_mix"] = out_mix[key]
                 result[f"{name}_u_s1"], result[f"{name}_u_s2"] = out_s[key].chunk(2)

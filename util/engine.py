@@ -36,6 +36,8 @@ class Method:
     `step(batch)` gets a dict with 'labeled' = (img_x, mask_x) and, when `uses_unlabeled`, 'unlabeled'
     and 'mix' = (img_w, img_s1, img_s2, ignore_mask, cutmix_box1, cutmix_box2), all on the device. It
     returns ({name: weighted loss term}, {name: float statistic to log}); the engine sums the terms.
+    The engine keeps `iteration` (the step about to run, from 0) and `total_iters` up to date, for methods
+    whose weights follow a schedule.
     """
 
     uses_unlabeled = True
@@ -44,6 +46,8 @@ class Method:
         self.model = model  # DDP-wrapped when distributed
         self.cfg = cfg
         self.criterion_l = criterion_l
+        self.iteration = 0
+        self.total_iters = 1
 
     def step(self, batch: dict) -> tuple[dict, dict]:
         raise NotImplementedError
@@ -201,6 +205,7 @@ class Trainer:
             self.total_iters = cfg["max_iters"]
         else:
             self.total_iters = cfg["epochs"] * self.iters_per_epoch
+        self.method.total_iters = self.total_iters
         self.iteration = 0
         self.best_miou = -1.0  # the first evaluation always writes best.pth
         self.best_iteration = 0
@@ -258,6 +263,7 @@ class Trainer:
         lr = poly_lr(self.cfg["lr"], self.iteration, self.total_iters, self.cfg["poly_power"])
         self.optimizer.param_groups[0]["lr"] = lr
         self.optimizer.param_groups[1]["lr"] = lr * self.cfg["lr_multi"]
+        self.method.iteration = self.iteration
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             losses, stats = self.method.step(batch)
         loss = sum(losses.values())
