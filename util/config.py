@@ -92,6 +92,28 @@ SCHEMA: dict[str, Any] = {
         "max_rotation": _k(float, 0.0, help="shapes turn by up to this many degrees"),
         "seed": _k(int, 0),
     },
+    # --- UCCL (UCCL.py); paper by default, docs/DIFFERENCES.md lists the released code's switches ---
+    "uccl": {
+        "sbu_weight": _k(float, 0.015, low=0.0, help="SBU loss weight (each of the two views gets half)"),
+        "ckr_weight": _k(float, 0.02, low=0.0, help="CKR loss weight (each of the two views gets half)"),
+        "uncertain_thresh": _k(
+            float, 0.95, low=0.0, high=1.0, help="SBU: uncertain = confidence <= this (sbu: paper)"
+        ),
+        "sbu": _k(str, "paper", choices=("paper", "released")),
+        "ckr": _k(str, "paper", choices=("paper", "released")),
+        "feature": _k(
+            str, "encoder", choices=("encoder", "decoder"), help="encoder output (ASPP) or decoder feature"
+        ),
+        "similarity": _k(
+            str, "positive", choices=("positive", "negative"), help="SBU weights grow with +cos or with -cos"
+        ),
+        "weak_view": _k(
+            str,
+            "pasted",
+            choices=("pasted", "forward"),
+            help="weak view of the CutMixed content: pasted from existing passes, or its own forward",
+        ),
+    },
 }
 
 

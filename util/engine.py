@@ -309,6 +309,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        # CPU ranks keep their own BN running statistics; the checkpoint holds one model, so the ranks agree
+        # on it first (otherwise a resumed run would restart every rank from rank 0's statistics).
+        self.sync_batchnorm_stats()
         return {
             "model": self.model_without_ddp.state_dict(),
             "optimizer": self.optimizer.state_dict(),
