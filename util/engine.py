@@ -365,10 +365,11 @@ class Trainer:
             self.nonfinite_first = self.iteration
         self.nonfinite_streak += 1
         self.nonfinite_steps += 1
-        logger.warning(
-            f"iteration {self.iteration}: non-finite {self.nonfinite_last}; optimizer step skipped "
-            f"({self.nonfinite_streak} in a row, {self.nonfinite_steps} in all)"
-        )
+        if self.dist.is_main:  # every rank knows the same: one message
+            logger.warning(
+                f"iteration {self.iteration}: non-finite {self.nonfinite_last}; optimizer step skipped "
+                f"({self.nonfinite_streak} in a row, {self.nonfinite_steps} in all)"
+            )
 
     def _nonfinite_message(self) -> str:
         where = os.path.join(self.save_path, "latest.pth") if self.save_path else None
@@ -474,10 +475,11 @@ class Trainer:
         always saved: its weights are those of the last good step).
         """
         if self.nonfinite_streak and self.iteration < self.total_iters:
-            logger.warning(
-                f"iteration {self.iteration}: latest.pth not updated while steps are non-finite "
-                f"({self.nonfinite_streak} in a row)"
-            )
+            if self.dist.is_main:
+                logger.warning(
+                    f"iteration {self.iteration}: latest.pth not updated while steps are non-finite "
+                    f"({self.nonfinite_streak} in a row)"
+                )
             return
         if self.save("latest.pth", state if state is not None else self.state_dict(), "previous.pth"):
             self.saved_iteration = self.iteration
@@ -499,7 +501,8 @@ class Trainer:
             path, state, problems = ckpt.find_resumable(self.save_path)
             found = (path, problems)
         path, problems = broadcast_object(found)
-        for bad, reason in problems:
+        main = self.dist.is_main
+        for bad, reason in problems if main else ():
             logger.warning(f"cannot resume from {bad}: {reason}")
         if path is None:
             if problems:
@@ -510,11 +513,11 @@ class Trainer:
                 )
             return False
         latest = os.path.join(self.save_path, "latest.pth")
-        if self.dist.is_main and any(bad == latest for bad, _ in problems):
+        if main and any(bad == latest for bad, _ in problems):
             aside = _free_name(latest + ".corrupt")
             os.replace(latest, aside)
             logger.warning(f"renamed {latest} to {aside}; resuming from {path} instead")
-        elif path != latest:
+        elif main and path != latest:
             logger.warning(f"{latest} is missing (a save was interrupted); resuming from {path}")
         if state is None:
             state = ckpt.load_training_state(path)
@@ -543,6 +546,8 @@ class Trainer:
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.scaler_skips = state.get("scaler_skips", 0)
         self.saved_iteration = self.iteration
+        if not self.dist.is_main:
+            return
         if not same_world:
             logger.warning(
                 f"{path} was written by {state['world_size']} process(es), this run has "
