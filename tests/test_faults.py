@@ -321,6 +321,21 @@ def test_nan_gradient_skips_the_step_and_restores_batchnorm_statistics(data, tmp
         trainer.method.step = step
         trainer.train_step(next(batches))
         assert trainer.nonfinite_streak == 0 and trainer.nonfinite_steps == 1
+
+        # Huge but finite gradients overflow the fast L2 check; the exact one lets the step through.
+        def huge_gradient(batch):
+            losses, stats = step(batch)
+            losses["x"].register_hook(lambda g: g * 1e25)
+            return losses, stats
+
+        trainer.method.step = huge_gradient
+        exact = trainer._gradients_nonfinite
+        checks = []
+        trainer._gradients_nonfinite = lambda: checks.append(exact()) or checks[-1]
+        before = {k: v.clone() for k, v in trainer.model_without_ddp.state_dict().items()}
+        trainer.train_step(next(batches))
+        assert checks == [False] and trainer.nonfinite_steps == 1
+        assert not same_weights(before, trainer.model_without_ddp.state_dict())
     finally:
         torch.use_deterministic_algorithms(False)
 
