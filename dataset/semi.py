@@ -23,6 +23,11 @@ from dataset import transforms as T
 
 MODES = ("train_l", "train_u", "val")
 
+
+class DataError(ValueError):
+    """A split file or a data file that cannot be used as it is; the message names the file."""
+
+
 # Masks must hold class indices, one channel. 'I;16*' and 'I' are 16/32-bit PNGs.
 _MASK_MODES = ("P", "L", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -127,15 +132,15 @@ def read_split(id_path, need_mask):
             if not fields:
                 continue
             if len(fields) > 2:
-                raise ValueError(
+                raise DataError(
                     f"{id_path}:{lineno}: expected '<image> [<mask>]', got {len(fields)} columns "
                     f"(paths with spaces are not supported): {line.strip()!r}"
                 )
             if need_mask and len(fields) < 2:
-                raise ValueError(f"{id_path}:{lineno}: missing mask column for image {fields[0]!r}")
+                raise DataError(f"{id_path}:{lineno}: missing mask column for image {fields[0]!r}")
             entries.append((lineno, fields[0], fields[1] if len(fields) == 2 else None))
     if not entries:
-        raise ValueError(f"split file is empty: {id_path}")
+        raise DataError(f"split file is empty: {id_path}")
     return entries
 
 
@@ -147,7 +152,7 @@ def check_paths(entries, id_path, root, allow_outside_root=False):
             if path is None:
                 continue
             if not allow_outside_root and escapes_root(path):
-                raise ValueError(
+                raise DataError(
                     f"{id_path}:{lineno}: path {path!r} is absolute or leaves the dataset root "
                     f"(pass allow_outside_root=True if this is intended)"
                 )
@@ -184,7 +189,7 @@ def load_image(path):
             # convert() also copies, so the result outlives the closed file.
             return img.convert("RGB")
     except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise DataError(f"cannot read image {path}: {e}") from e
 
 
 def load_mask(path, nclass, ignore_index=255):
@@ -195,14 +200,14 @@ def load_mask(path, nclass, ignore_index=255):
             mode = mask.mode
             array = np.array(mask) if mode in _MASK_MODES else None
     except Exception as e:
-        raise ValueError(f"cannot read mask {path}: {e}") from e
+        raise DataError(f"cannot read mask {path}: {e}") from e
     if array is None:
-        raise ValueError(f"mask must be single-channel class indices, got {mode}: {path}")
+        raise DataError(f"mask must be single-channel class indices, got {mode}: {path}")
 
     bad = invalid_values(array, nclass, ignore_index)
     if len(bad):
         shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")
-        raise ValueError(
+        raise DataError(
             f"mask {path} has values [{shown}] outside [0, {nclass}) "
             f"that are not the ignore index {ignore_index}"
         )
@@ -222,7 +227,7 @@ def invalid_values(array, nclass, ignore_index=255):
 def check_same_size(img, mask, img_path, mask_path):
     mask_h, mask_w = mask.shape
     if (img.height, img.width) != (mask_h, mask_w):
-        raise ValueError(
+        raise DataError(
             f"image and mask sizes differ: {img_path} is {img.width}x{img.height}, "
             f"{mask_path} is {mask_w}x{mask_h} (width x height)"
         )

@@ -1,23 +1,94 @@
-"""Runs a method script's training the way its entry point does, with two test-only extras.
+"""Runs a method script's training the way its entry point does, with test-only fault injection.
 
-    python tests/run_training.py unimatch --config C --save-path S [--crash-at N] [--dump-weights DIR]
+    python tests/run_training.py unimatch --config C --save-path S [flags] [key=value ...]
 
---crash-at N  ends the process abruptly (os._exit) right after iteration N, like a killed job.
---dump-weights DIR  writes every rank's final weights to DIR/rank<r>.pt, to compare ranks.
+Exit statuses are those of the entry scripts (util.engine.run). The flags below exist only here, so
+that the library carries no test hooks:
+
+--crash-at N          ends the process abruptly (os._exit(17)) before iteration N, like a killed job.
+--kill-at N           SIGKILLs the process before iteration N, on the rank given by --kill-rank (default
+                      0), and only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT unset or 0).
+--kill-in-save K      SIGKILLs the process in the middle of its K-th checkpoint write (1-based), after
+                      half of the temporary file is on disk.
+--nan-at N            from iteration N on, for --nan-steps steps (default 1), on rank --nan-rank (default
+                      0), makes loss term --nan-term (default: the first) non-finite: --nan-kind loss adds
+                      a NaN constant to its value (the gradients stay finite), --nan-kind grad turns its
+                      gradient into NaN (the value stays finite).
+--fsize-limit-at N    before iteration N, limits the size of any file this process writes to
+                      --fsize-limit bytes (RLIMIT_FSIZE; writes beyond it fail with EFBIG, like a full disk).
+--dump-weights DIR    writes every rank's final weights to DIR/rank<r>.pt, to compare ranks.
 """
 
 import argparse
 import importlib
+import io
 import os
+import resource
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from util.config import load_config  # noqa: E402
-from util.dist import cleanup  # noqa: E402
-from util.engine import Trainer  # noqa: E402
+from util.engine import build_trainer, run  # noqa: E402
+
+
+def first_attempt() -> bool:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+
+def sigkill():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_step(trainer, hook):
+    """Call hook(iteration) before every training step."""
+    train_step = trainer.train_step
+
+    def step(batch):
+        hook(trainer.iteration)
+        return train_step(batch)
+
+    trainer.train_step = step
+
+
+def inject_nan(trainer, args):
+    method_step = trainer.method.step
+    last = args.nan_at + args.nan_steps
+
+    def step(batch):
+        losses, stats = method_step(batch)
+        if trainer.dist.rank == args.nan_rank and args.nan_at <= trainer.iteration < last:
+            name = args.nan_term or next(iter(losses))
+            if args.nan_kind == "loss":
+                losses[name] = losses[name] + torch.tensor(float("nan"), device=losses[name].device)
+            else:
+                losses[name].register_hook(lambda grad: grad * float("nan"))
+        return losses, stats
+
+    trainer.method.step = step
+
+
+def kill_in_save(count):
+    real_save = torch.save
+    calls = [0]
+
+    def save(obj, f, *a, **kw):
+        calls[0] += 1
+        if calls[0] != count:
+            return real_save(obj, f, *a, **kw)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *a, **kw)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        sigkill()
+
+    torch.save = save
 
 
 def main():
@@ -26,28 +97,46 @@ def main():
     parser.add_argument("--config", required=True)
     parser.add_argument("--save-path", required=True)
     parser.add_argument("--crash-at", type=int)
+    parser.add_argument("--kill-at", type=int)
+    parser.add_argument("--kill-rank", type=int, default=0)
+    parser.add_argument("--kill-in-save", type=int)
+    parser.add_argument("--nan-at", type=int)
+    parser.add_argument("--nan-steps", type=int, default=1)
+    parser.add_argument("--nan-rank", type=int, default=0)
+    parser.add_argument("--nan-term")
+    parser.add_argument("--nan-kind", choices=("loss", "grad"), default="loss")
+    parser.add_argument("--fsize-limit-at", type=int)
+    parser.add_argument("--fsize-limit", type=int, default=1 << 16)
     parser.add_argument("--dump-weights")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     method_cls = importlib.import_module(args.method).METHOD
-    trainer = Trainer(method_cls, load_config(args.config, args.overrides), args.save_path)
+    trainer = build_trainer(method_cls, args.config, args.save_path, args.overrides)
+    rank = trainer.dist.rank
+
     if args.crash_at is not None:
-        train_step = trainer.train_step
+        before_step(trainer, lambda it: os._exit(17) if it == args.crash_at else None)
+    if args.kill_at is not None and rank == args.kill_rank and first_attempt():
+        before_step(trainer, lambda it: sigkill() if it == args.kill_at else None)
+    if args.kill_in_save is not None:
+        kill_in_save(args.kill_in_save)
+    if args.nan_at is not None:
+        inject_nan(trainer, args)
+    if args.fsize_limit_at is not None:
 
-        def crashing_step(batch):
-            if trainer.iteration == args.crash_at:
-                os._exit(17)
-            return train_step(batch)
+        def limit(it):
+            if it == args.fsize_limit_at:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, resource.RLIM_INFINITY))
 
-        trainer.train_step = crashing_step
-    trainer.fit()
+        before_step(trainer, limit)
+
+    run(trainer)
     if args.dump_weights:
         os.makedirs(args.dump_weights, exist_ok=True)
         torch.save(
             trainer.model_without_ddp.state_dict(),
-            os.path.join(args.dump_weights, f"rank{trainer.dist.rank}.pt"),
+            os.path.join(args.dump_weights, f"rank{rank}.pt"),
         )
-    cleanup()
 
 
 if __name__ == "__main__":

@@ -1,47 +1,203 @@
-"""Checkpoints: atomic writes and guarded loads.
+"""Checkpoints: atomic writes that keep the previous file, and guarded loads.
 
 A checkpoint is a dict of tensors and plain Python values, so `torch.load(..., weights_only=True)` reads
-it and a file that carries pickled code is refused rather than executed.
+it and a file that carries pickled code is refused rather than executed. Every load also checks the
+CRC-32 that torch's zip format records for each part, which `torch.load` itself does not: a flipped
+bit in the weights is reported instead of loaded.
 """
 
+import glob
 import os
+import re
+import zipfile
 
 import torch
+
+# What a training checkpoint (latest.pth / previous.pth) must hold to resume from it.
+TRAINING_KEYS = (
+    "model",
+    "optimizer",
+    "scaler",
+    "method",
+    "iteration",
+    "best_miou",
+    "best_iteration",
+    "world_size",
+    "rng",
+)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read, or does not fit the model."""
 
 
-def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+class SaveError(OSError):
+    """A checkpoint could not be written (disk full, file too large, folder gone or read-only)."""
 
-    A crash during the write leaves the previous file untouched; the rename itself is atomic.
+
+def _fsync_dir(folder: str) -> None:
+    """Make renames inside `folder` durable; not every platform or filesystem allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save(obj, f) -> None:
+    """torch.save, with the OS error of a failed write as the exception (disk full, file too large).
+
+    When a write fails inside torch's zip writer, closing the archive fails too and that RuntimeError
+    ("unexpected pos ...") replaces the OSError that says what happened; give the OSError back.
     """
+    try:
+        torch.save(obj, f)
+    except RuntimeError as err:
+        cause = err.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror) from err
+
+
+def save_atomic(obj, path: str, previous: str | None = None) -> None:
+    """Write `obj` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    With `previous`, the file `path` held until now is kept under that name: it is hard-linked there
+    before the rename, so at every moment `path` is a complete file (where hard links are not available
+    it is renamed instead, and for an instant only `previous` exists). A crash or an error during the
+    write leaves `path` and `previous` untouched and removes the temporary file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            _save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and os.path.isfile(path):
+            keep = f"{previous}.tmp.{os.getpid()}"
+            try:
+                os.link(path, keep)
+                os.replace(keep, previous)
+            except OSError:
+                if os.path.exists(keep):
+                    os.remove(keep)
+                os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_dir(folder)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files that a process killed in the middle of a save left behind."""
+    removed = []
+    for tmp in sorted(glob.glob(os.path.join(glob.escape(folder), "*.pth.tmp.*"))):
+        try:
+            os.remove(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _check_crc(path: str) -> None:
+    """Compare every part of a zip-format checkpoint with the CRC-32 recorded when it was written."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        return  # the legacy (pre-1.6) format or not a torch file at all: torch.load decides
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: it is truncated or damaged (a zip archive, torch's format, "
+            f"without its end record; {os.path.getsize(path)} bytes)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: damaged zip structure ({err})") from err
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: the data of '{bad}' does not match its recorded CRC-32 "
+            "(the file was damaged after it was written)"
+        )
+
+
+def _reason(err: Exception) -> str:
+    text = str(err)
+    if "Weights only load failed" in text:
+        # torch's message advises weights_only=False; for a file we did not write that is the danger.
+        found = re.search(r"GLOBAL \S+|Unsupported operand \S+", text)
+        what = f" ({found.group(0)})" if found else ""
+        return (
+            f"it holds pickled code or objects other than tensors{what}; refused by "
+            "torch.load(weights_only=True), nothing in it was executed"
+        )
+    return f"not a readable torch checkpoint ({type(err).__name__}: {text.strip()})"
 
 
 def load(path: str) -> dict:
     """Read a checkpoint on the CPU; any failure names the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
+    _check_crc(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickled code refused by weights_only, not a torch file...
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(err)}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def check_training_state(state: dict, path: str) -> None:
+    """A checkpoint to resume from must be a full training state, not e.g. a best.pth or a weight file."""
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint: missing {', '.join(missing)}")
+    if not isinstance(state["iteration"], int) or state["iteration"] < 0:
+        raise CheckpointError(f"checkpoint {path}: 'iteration' is {state['iteration']!r}, not a count")
+    if not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
+        raise CheckpointError(f"checkpoint {path}: 'model' and 'optimizer' must be state dicts")
+    if not isinstance(state["rng"], list) or len(state["rng"]) != state["world_size"]:
+        raise CheckpointError(f"checkpoint {path}: 'rng' must hold one state per process")
+
+
+def load_training_state(path: str) -> dict:
+    state = load(path)
+    check_training_state(state, path)
+    return state
+
+
+def find_resumable(folder: str, names=("latest.pth", "previous.pth")) -> tuple[str | None, dict | None, list]:
+    """The first of `names` in `folder` that loads as a training checkpoint.
+
+    Returns (path, state, problems) where problems lists (path, reason) for every file that exists but
+    could not be used. (None, None, []) means there is nothing to resume from; (None, None, problems)
+    means there are checkpoints and none of them is usable.
+    """
+    problems = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            return path, load_training_state(path), problems
+        except CheckpointError as err:
+            problems.append((path, str(err)))
+    return None, None, problems
 
 
 def model_state(ckpt: dict) -> dict:

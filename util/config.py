@@ -79,6 +79,9 @@ SCHEMA: dict[str, Any] = {
     "eval_interval": _k(int, 0, help="evaluate every N iterations; 0 = at the end of every epoch"),
     "save_interval": _k(int, 0, help="write latest.pth every N iterations; 0 = only at evaluations"),
     "log_interval": _k(int, 20),
+    "max_nonfinite_steps": _k(
+        int, 5, help="stop after this many optimizer steps in a row with a NaN/Inf loss or gradient"
+    ),
     # --- evaluation ---
     "eval_mode": _k(str, "original", choices=("original", "center_crop", "sliding_window")),
     "eval_flip": _k(bool, False),
@@ -245,6 +248,10 @@ def check_values(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: key 'conf_thresh' must lie in [0, 1], got {cfg['conf_thresh']}")
     if cfg["lr"] <= 0:
         raise ConfigError(f"{source}: key 'lr' must be positive, got {cfg['lr']}")
+    if cfg["max_nonfinite_steps"] < 1:
+        raise ConfigError(
+            f"{source}: key 'max_nonfinite_steps' must be >= 1, got {cfg['max_nonfinite_steps']}"
+        )
     if cfg["num_workers"] < 0:
         raise ConfigError(f"{source}: key 'num_workers' must be >= 0, got {cfg['num_workers']}")
     if cfg["deep_stem"] and cfg["backbone"] in ("resnet18", "resnet34"):

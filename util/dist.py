@@ -2,7 +2,8 @@
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; there is no `--local_rank`
 argument. Without them we run as a single process and create no process group, so a laptop without a
-GPU needs no launcher.
+GPU needs no launcher. Under `torchrun --max-restarts=N` the restarted workers find each other again
+(see init_distributed) and the training resumes from its last checkpoint.
 """
 
 import os
@@ -40,7 +41,20 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        backend, device_id = ("nccl", dev) if use_cuda else ("gloo", None)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend, device_id=device_id)
+        else:
+            # torchrun shares its rendezvous store with the workers and keeps it across restarts, so
+            # after `--max-restarts` the new workers would read the addresses the dead ones left there
+            # and fail to connect ("Connection refused"; pytorch/pytorch#135712). Keys under a prefix
+            # per attempt keep each attempt to itself, as torch did itself before it shared the store.
+            store, _, _ = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"semiseg/attempt_{attempt}", store)
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=world_size, device_id=device_id
+            )
     return DistInfo(rank, local_rank, world_size, dev)
 
 

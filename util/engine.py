@@ -3,11 +3,15 @@
 A method script defines a `Method` subclass whose `step(batch)` returns its weighted loss terms; the
 engine owns everything that is the same for all methods: process group, seeds, loaders, DDP, optimizer,
 poly schedule, autocast, checkpoints, logging and evaluation.
+
+Faults it survives (README, "Fault tolerance"): a killed process resumes bit-identically from
+latest.pth (or previous.pth when latest.pth is damaged); a step with a non-finite loss or gradient is
+skipped on every rank alike and a run of them stops the run; a checkpoint that cannot be written is
+reported and retried at the next save while the last good one stays in place.
 """
 
 import argparse
 import logging
-import math
 import os
 import random
 import sys
@@ -18,7 +22,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from dataset.semi import SemiDataset
+from dataset.semi import DataError, SemiDataset
 from model import build_model
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths, load_config
@@ -28,6 +32,15 @@ from util.losses import build_labeled_criterion
 from util.metrics import ShardSampler, evaluate
 
 logger = logging.getLogger("semiseg")
+
+# Exit status of a method script for each kind of fault (README, "Fault tolerance").
+EXIT_BAD_INPUT = 2  # config, data file or checkpoint: fix the input; nothing to resume would help
+EXIT_NONFINITE = 3  # a run of non-finite steps; latest.pth holds the last good state
+EXIT_SAVE_FAILED = 4  # the final checkpoint could not be written; latest.pth holds the last good one
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 class Method:
@@ -92,7 +105,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        # As plain values: weights_only loading accepts tensors and lists, not numpy arrays.
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -101,6 +120,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(_as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -211,6 +233,19 @@ class Trainer:
         self.best_iteration = 0
         self.writer = None
 
+        # Non-finite guard: the gradients it checks, and a copy of the buffers (BatchNorm running
+        # statistics) taken before each forward, put back when a step is skipped.
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._buffers = [b for b in model.buffers()]
+        self._buffer_backup = [b.detach().clone() for b in self._buffers]
+        self.nonfinite_steps = 0  # skipped steps in all (saved in checkpoints)
+        self.nonfinite_streak = 0  # skipped steps in a row, ending at the last step
+        self.nonfinite_first = None  # iteration where the current streak began
+        self.nonfinite_last = ""  # what was non-finite at the last skipped step
+        self.scaler_skips = 0  # fp16 steps the GradScaler skipped for an overflow (its normal business)
+        self.saved_iteration = None  # iteration of the latest.pth on disk, when known
+        self.failed_saves = {}  # file name -> OS error of its last save, while it failed
+
     # ------------------------------------------------------------------ data
     def _build_loaders(self, uses_unlabeled: bool) -> None:
         cfg, pin = self.cfg, self.device.type == "cuda"
@@ -264,15 +299,105 @@ class Trainer:
         self.optimizer.param_groups[0]["lr"] = lr
         self.optimizer.param_groups[1]["lr"] = lr * self.cfg["lr_multi"]
         self.method.iteration = self.iteration
+        if self._buffers:
+            torch._foreach_copy_(self._buffer_backup, self._buffers)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             losses, stats = self.method.step(batch)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        terms = {name: float(value.detach()) for name, value in losses.items()}
-        return float(loss.detach()), terms, stats
+        self.scaler.scale(loss).backward()  # every rank runs backward, even on a NaN: DDP needs it
+
+        names = list(losses)
+        values = torch.stack([v.detach().float().reshape(()) for v in (*losses.values(), loss)])
+        flags = self._nonfinite_flags(values)
+        numbers = torch.cat((values, flags.flatten())).tolist()  # the step's one host sync
+        width = len(values)  # the terms, then their sum
+        flat = numbers[width:]
+        rows = [flat[r * (width + 1) : (r + 1) * (width + 1)] for r in range(self.dist.world_size)]
+        grad_bad = any(row[0] for row in rows) and self._gradients_nonfinite()
+        bad_terms = {
+            (*names, "total")[j]: [r for r, row in enumerate(rows) if row[1 + j]]
+            for j in range(width)
+            if any(row[1 + j] for row in rows)
+        }
+        if len(bad_terms) > 1:  # the sum is non-finite because a term is: name the term
+            bad_terms.pop("total", None)
+        if not grad_bad and not bad_terms:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.nonfinite_streak = 0
+        elif not bad_terms and self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0:
+            # fp16 gradient overflow with a finite loss: the GradScaler skips the step and lowers the
+            # scale, as it always does. Only once the scale is below 1 is it counted as a fault.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scaler_skips += 1
+        else:
+            self._skip_step(grad_bad, bad_terms)
+        terms = dict(zip(names, numbers[: width - 1]))
+        return numbers[width - 1], terms, stats
+
+    def _nonfinite_flags(self, values: torch.Tensor) -> torch.Tensor:
+        """(world_size, 1 + len(values)) 0/1 flags: gradients, then each loss value, per rank.
+
+        The L2 norms of all gradients in one fused kernel (NaN and Inf make them non-finite; so does a
+        norm beyond float32's range, which _gradients_nonfinite then tells apart), and one all_reduce
+        so that every rank sees every rank's flags and they all take the same decision.
+        """
+        grads = [p.grad for p in self._params if p.grad is not None]
+        grad_bad = torch.zeros((), device=values.device)
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads, 2))
+            grad_bad = (~torch.isfinite(norms)).any().float()
+        own = torch.cat((grad_bad.reshape(1), (~torch.isfinite(values)).float()))
+        flags = torch.zeros(self.dist.world_size, own.numel(), device=values.device)
+        flags[self.dist.rank] = own
+        if is_dist():
+            torch.distributed.all_reduce(flags)
+        return flags
+
+    def _gradients_nonfinite(self) -> bool:
+        """The exact test, run only when the norms overflowed: does any gradient hold a NaN or an Inf?
+
+        Gradients are identical on every rank after DDP's all-reduce, so every rank gets the same
+        answer without talking to the others. (The inf-norm would be exact at once, but on CPUs it is
+        ten times slower than the L2 norm.)
+        """
+        return any(not torch.isfinite(p.grad).all() for p in self._params if p.grad is not None)
+
+    def _skip_step(self, grad_bad: bool, bad_terms: dict) -> None:
+        """Leave weights, optimizer state and BatchNorm statistics as they were before this step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._buffer_backup)
+        parts = [
+            f"loss term '{name}' on rank {', '.join(map(str, ranks))}" for name, ranks in bad_terms.items()
+        ]
+        if grad_bad:
+            parts.append("gradients")
+        self.nonfinite_last = " and ".join(parts)
+        if self.nonfinite_streak == 0:
+            self.nonfinite_first = self.iteration
+        self.nonfinite_streak += 1
+        self.nonfinite_steps += 1
+        if self.dist.is_main:  # every rank knows the same: one message
+            logger.warning(
+                f"iteration {self.iteration}: non-finite {self.nonfinite_last}; optimizer step skipped "
+                f"({self.nonfinite_streak} in a row, {self.nonfinite_steps} in all)"
+            )
+
+    def _nonfinite_message(self) -> str:
+        where = os.path.join(self.save_path, "latest.pth") if self.save_path else None
+        kept = ""
+        if where and self.saved_iteration is not None:
+            kept = f" {where} (iteration {self.saved_iteration}) holds the last good state and was kept."
+        return (
+            f"stopped: {self.nonfinite_streak} optimizer steps in a row had non-finite values "
+            f"(iterations {self.nonfinite_first} to {self.iteration - 1}; at iteration {self.iteration - 1}: "
+            f"{self.nonfinite_last}). The weights are those from before iteration {self.nonfinite_first}."
+            f"{kept} Lower lr, try amp=none or check the data; max_nonfinite_steps "
+            f"(now {self.cfg['max_nonfinite_steps']}) sets how many in a row are tolerated."
+        )
 
     # ------------------------------------------------------------------ evaluation
     def sync_batchnorm_stats(self) -> None:
@@ -309,6 +434,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """The whole training state; a collective (every rank's RNG state is gathered)."""
         # CPU ranks keep their own BN running statistics; the checkpoint holds one model, so the ranks agree
         # on it first (otherwise a resumed run would restart every rank from rank 0's statistics).
         self.sync_batchnorm_stats()
@@ -320,6 +446,8 @@ class Trainer:
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "best_iteration": self.best_iteration,
+            "nonfinite_steps": self.nonfinite_steps,
+            "scaler_skips": self.scaler_skips,
             "world_size": self.dist.world_size,
             "rng": self._gather_rng(),
             "cfg": self.cfg,
@@ -333,27 +461,124 @@ class Trainer:
             states[0] = rng_state()
         return states
 
-    def save(self, name: str, state: dict) -> None:
-        if self.dist.is_main and self.save_path is not None:
-            ckpt.save_atomic(state, os.path.join(self.save_path, name))
+    def save(self, name: str, state: dict, previous: str | None = None) -> bool:
+        """Rank 0 writes save_path/name atomically (keeping the old file as `previous` when given).
+
+        A write that fails (disk full, file too large, folder gone) is logged with the path and the OS
+        error; the file on disk stays as it was and the next save tries again. Returns False then.
+        """
+        if not self.dist.is_main or self.save_path is None:
+            return True
+        path = os.path.join(self.save_path, name)
+        keep = os.path.join(self.save_path, previous) if previous else None
+        try:
+            ckpt.save_atomic(state, path, previous=keep)
+        except OSError as err:
+            self.failed_saves[name] = f"{path}: {err.strerror or err}"
+            kept = "the previous file is kept" if os.path.isfile(path) else "there is no earlier file"
+            logger.error(
+                f"could not write checkpoint {path} at iteration {self.iteration}: "
+                f"{type(err).__name__}: {err.strerror or err}; {kept}, training goes on and the next save "
+                "tries again"
+            )
+            return False
+        self.failed_saves.pop(name, None)
+        return True
+
+    def save_latest(self, state: dict | None = None) -> None:
+        """latest.pth, with the one it replaces kept as previous.pth; not during a run of skipped steps.
+
+        While steps are being skipped for non-finite values, latest.pth keeps the state from before
+        the first of them, so a run that then stops can be resumed from there (the final iteration is
+        always saved: its weights are those of the last good step).
+        """
+        if self.nonfinite_streak and self.iteration < self.total_iters:
+            if self.dist.is_main:
+                logger.warning(
+                    f"iteration {self.iteration}: latest.pth not updated while steps are non-finite "
+                    f"({self.nonfinite_streak} in a row)"
+                )
+            return
+        if self.save("latest.pth", state if state is not None else self.state_dict(), "previous.pth"):
+            self.saved_iteration = self.iteration
 
     def resume(self) -> bool:
-        """Continue from save_path/latest.pth when it exists (restarting the same command resumes)."""
-        path = None if self.save_path is None else os.path.join(self.save_path, "latest.pth")
-        if path is None or not os.path.isfile(path):
+        """Continue from save_path/latest.pth, or from previous.pth when latest.pth is unusable.
+
+        Restarting the same command resumes. Rank 0 picks the file and tells the others. A damaged
+        latest.pth (truncated, corrupted, pickled code, not a training checkpoint) is reported and
+        renamed aside to latest.pth.corrupt, never deleted; when no file is usable the run stops
+        with a CheckpointError naming them all rather than starting over.
+        """
+        if self.save_path is None:
             return False
-        state = ckpt.load(path)
-        ckpt.load_model_weights(self.model_without_ddp, ckpt.model_state(state), path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.method.load_state_dict(state["method"])
+        found, state = None, None
+        if self.dist.is_main:
+            for tmp in ckpt.remove_stale_temporaries(self.save_path):
+                logger.info(f"removed {tmp}, left by a save that was interrupted")
+            path, state, problems = ckpt.find_resumable(self.save_path)
+            found = (path, problems)
+        path, problems = broadcast_object(found)
+        main = self.dist.is_main
+        for bad, reason in problems if main else ():
+            logger.warning(f"cannot resume from {bad}: {reason}")
+        if path is None:
+            if problems:
+                raise ckpt.CheckpointError(
+                    f"no usable checkpoint in {self.save_path} to resume from:\n  "
+                    + "\n  ".join(reason for _, reason in problems)
+                    + "\nNothing was deleted. Move these files away to start over, or restore one."
+                )
+            return False
+        latest = os.path.join(self.save_path, "latest.pth")
+        if main and any(bad == latest for bad, _ in problems):
+            aside = _free_name(latest + ".corrupt")
+            os.replace(latest, aside)
+            logger.warning(f"renamed {latest} to {aside}; resuming from {path} instead")
+        elif main and path != latest:
+            logger.warning(f"{latest} is missing (a save was interrupted); resuming from {path}")
+        if state is None:
+            state = ckpt.load_training_state(path)
+        self._load_state(state, path)
+        logger.info(f"resumed from {path} at iteration {self.iteration}/{self.total_iters}")
+        return True
+
+    def _load_state(self, state: dict, path: str) -> None:
+        try:
+            ckpt.load_model_weights(self.model_without_ddp, ckpt.model_state(state), path)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.method.load_state_dict(state["method"])
+            same_world = state["world_size"] == self.dist.world_size
+            if same_world:
+                set_rng_state(state["rng"][self.dist.rank])
+        except ckpt.CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} does not fit this run: {type(err).__name__}: {err}"
+            ) from err
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
         self.best_iteration = state["best_iteration"]
-        if state.get("world_size") == self.dist.world_size:
-            set_rng_state(state["rng"][self.dist.rank])
-        logger.info(f"resumed from {path} at iteration {self.iteration}/{self.total_iters}")
-        return True
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.scaler_skips = state.get("scaler_skips", 0)
+        self.saved_iteration = self.iteration
+        if not self.dist.is_main:
+            return
+        if not same_world:
+            logger.warning(
+                f"{path} was written by {state['world_size']} process(es), this run has "
+                f"{self.dist.world_size}: random states are not restored and the data order changes, "
+                "so the run continues but is not identical to an uninterrupted one"
+            )
+        if isinstance(state.get("cfg"), dict):
+            changed = sorted(k for k in self.cfg if k in state["cfg"] and state["cfg"][k] != self.cfg[k])
+            if changed:
+                logger.warning(
+                    f"the config differs from the one {path} was trained with: "
+                    + ", ".join(f"{k}: {state['cfg'][k]!r} -> {self.cfg[k]!r}" for k in changed)
+                )
 
     # ------------------------------------------------------------------ the loop
     def _log(self, loss: float, terms: dict, stats: dict) -> None:
@@ -364,6 +589,7 @@ class Trainer:
         for name, value in {**terms, **stats}.items():
             self.writer.add_scalar(f"train/{name}", value, it)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], it)
+        self.writer.add_scalar("train/nonfinite_steps", self.nonfinite_steps, it)
 
     def _eval_due(self) -> bool:
         interval = self.cfg["eval_interval"] or self.iters_per_epoch
@@ -389,13 +615,24 @@ class Trainer:
             for name, iou in zip(names, result["iou"]):
                 self.writer.add_scalar(f"eval_class/{name}", iou, self.iteration)
         state = self.state_dict()
-        self.save("latest.pth", state)
+        # best.pth first: a run killed between the two writes resumes from the older latest.pth,
+        # evaluates this iteration again and rewrites the same best.pth; the other order would lose it.
         if improved:
             self.save(
                 "best.pth",
                 {"model": state["model"], "cfg": self.cfg, "iteration": self.iteration, "miou": miou},
             )
+        self.save_latest(state)
         barrier()
+
+    def _write_config(self) -> None:
+        path = os.path.join(self.save_path, "config.yaml")
+        try:
+            with open(path + ".tmp", "w") as f:
+                yaml.safe_dump(self.cfg, f, sort_keys=False)
+            os.replace(path + ".tmp", path)
+        except OSError as err:
+            raise ConfigError(f"cannot write {path}: {err.strerror or err}") from err
 
     def fit(self) -> float:
         from tqdm import tqdm
@@ -404,9 +641,8 @@ class Trainer:
         if self.dist.is_main and self.save_path is not None:
             from torch.utils.tensorboard import SummaryWriter
 
+            self._write_config()
             self.writer = SummaryWriter(self.save_path)
-            with open(os.path.join(self.save_path, "config.yaml"), "w") as f:
-                yaml.safe_dump(self.cfg, f, sort_keys=False)
         logger.info(
             f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per epoch, "
             f"{self.dist.world_size} process(es) on {self.device}"
@@ -419,28 +655,48 @@ class Trainer:
         while self.iteration < self.total_iters:
             epoch, start_batch = divmod(self.iteration, self.iters_per_epoch)
             for batch in self._batches(epoch, start_batch):
+                # A skipped (non-finite) step still consumes its batch and advances the iteration, so
+                # the data and the schedule stay where an uninterrupted run would have them.
                 loss, terms, stats = self.train_step(batch)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {terms}")
                 self.iteration += 1
                 bar.update(1)
+                if self.nonfinite_streak >= self.cfg["max_nonfinite_steps"]:
+                    bar.close()
+                    raise NonFiniteError(self._nonfinite_message())
                 if self.iteration % self.cfg["log_interval"] == 0:
                     self._log(loss, terms, stats)
                     bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
                 if self._eval_due():
                     self._eval_and_save()
                 elif self.cfg["save_interval"] and self.iteration % self.cfg["save_interval"] == 0:
-                    self.save("latest.pth", self.state_dict())
+                    self.save_latest()
                 if self.iteration >= self.total_iters:
                     break
         bar.close()
         elapsed = time.time() - start
         logger.info(
             f"done in {elapsed:.0f}s: best val mIoU {self.best_miou:.2f} at iteration {self.best_iteration}"
+            + (f"; {self.nonfinite_steps} non-finite step(s) skipped" if self.nonfinite_steps else "")
         )
         if self.writer is not None:
             self.writer.close()
+        if self.failed_saves:
+            raise ckpt.SaveError(
+                "training finished but its last checkpoint could not be written: "
+                + "; ".join(self.failed_saves.values())
+                + ". The files on disk are the last good ones; free space and run the same command again "
+                "to finish from them."
+            )
         return self.best_miou
+
+
+def _free_name(path: str) -> str:
+    """`path`, or `path.1`, `path.2`, ...: the first that does not exist (bad files are never overwritten)."""
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
 
 
 def parse_args(argv=None, description: str = ""):
@@ -453,6 +709,52 @@ def parse_args(argv=None, description: str = ""):
     return parser.parse_intermixed_args(argv)
 
 
+def build_trainer(method_cls, config: str, save_path: str, overrides=()) -> "Trainer":
+    """Load and check the config and build the Trainer; a bad input exits with status 2 and a message."""
+    try:
+        cfg = load_config(config, list(overrides))
+        return Trainer(method_cls, cfg, save_path, source=config)
+    except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        cleanup()
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def run(trainer: "Trainer") -> float:
+    """trainer.fit(), turning the faults it reports into a message and an exit status.
+
+    2: a config, data file or checkpoint that cannot be used (named in the message); 3: too many
+    non-finite steps in a row; 4: the final checkpoint could not be written. Any other exception is a
+    bug and keeps its traceback.
+    """
+    try:
+        return trainer.fit()
+    except (ConfigError, ckpt.CheckpointError, DataError, NonFiniteError, ckpt.SaveError) as err:
+        if isinstance(err, NonFiniteError):
+            code = EXIT_NONFINITE
+        elif isinstance(err, ckpt.SaveError):
+            code = EXIT_SAVE_FAILED
+        else:
+            code = EXIT_BAD_INPUT
+        # Every rank agrees on a non-finite stop: one message is enough. Other faults can be one rank's.
+        if trainer.dist.is_main or not isinstance(err, NonFiniteError):
+            rank = f" (rank {trainer.dist.rank})" if trainer.dist.distributed else ""
+            logger.error(f"error{rank}: {_message(err)}")
+        cleanup()
+        sys.exit(code)
+    finally:
+        cleanup()
+
+
+def _message(err: Exception) -> str:
+    """The message of an error; for one raised in a loader worker, without the worker's traceback."""
+    text = str(err)
+    marker = f"{type(err).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip() + " (raised in a data loader worker)"
+    return text
+
+
 def main(method_cls, argv=None) -> float:
     """Entry point of every method script: `torchrun ... METHOD.py --config ... --save-path ...`."""
     args = parse_args(argv, description=method_cls.__doc__ or "")
@@ -461,14 +763,4 @@ def main(method_cls, argv=None) -> float:
         overrides.append(f"labeled_id_path={args.labeled_id_path}")
     if args.unlabeled_id_path:
         overrides.append(f"unlabeled_id_path={args.unlabeled_id_path}")
-    try:
-        cfg = load_config(args.config, overrides)
-        trainer = Trainer(method_cls, cfg, args.save_path, source=args.config)
-    except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        cleanup()
-        sys.exit(2)
-    try:
-        return trainer.fit()
-    finally:
-        cleanup()
+    return run(build_trainer(method_cls, args.config, args.save_path, overrides))
