@@ -117,6 +117,65 @@ SCHEMA: dict[str, Any] = {
             help="weak view of the CutMixed content: pasted from existing passes, or its own forward",
         ),
     },
+    # --- MLCL (MLCL.py; spec section 2). Defaults: the paper's method, published values. The released
+    # code's behaviour is one switch away: see docs/DIFFERENCES.md for the full list. ---
+    "mlcl": {
+        "fka_feature": _k(
+            str,
+            "encoder",
+            choices=("encoder", "decoder"),
+            help="features FKA aligns: encoder output (ASPP, paper) or decoder feature F (released)",
+        ),
+        "p2p_weight": _k(
+            float,
+            0.1,
+            low=0.0,
+            help="point-to-point alignment weight (released feat_ali_weight; 0 = released)",
+        ),
+        "proto_weight": _k(float, 0.01, low=0.0, help="prototype compactness weight (released feat_nearest)"),
+        "anchor_thresh": _k(
+            float, 0.95, low=0.0, high=1.0, help="weak confidence above which a pixel can be an anchor"
+        ),
+        "num_anchors": _k(int, 16, low=1, help="anchors per class: the weak pixels most similar to it"),
+        "num_strong": _k(int, 256, low=1, help="strong samples per class: the pixels least similar to it"),
+        "momentum": _k(float, 0.99, low=0.0, high=1.0, help="EMA momentum of the prototype memory"),
+        "proto_pairing": _k(
+            str, "class", choices=("class", "positional"), help="anchor/strong pairing (positional: released)"
+        ),
+        "anchor_selection": _k(
+            str, "topk", choices=("topk", "released"), help="released: top-1 twice, the n-th never taken"
+        ),
+        "proto_denominator": _k(
+            str,
+            "anchors",
+            choices=("anchors", "strong"),
+            help="divide by anchors, or strong samples (released)",
+        ),
+        "ema_update": _k(
+            str,
+            "every_class",
+            choices=("every_class", "released"),
+            help="released: skip later classes once one starts, per-rank steps averaged with zeros",
+        ),
+        "sai_feature": _k(
+            str,
+            "encoder",
+            choices=("encoder", "decoder"),
+            help="perturb the encoder output and decode (paper) or F and classify (released)",
+        ),
+        "sai_noise": _k(bool, True, help="noise injection (released F-Noise)"),
+        "sai_mask": _k(bool, True, help="feature masking (released F-Drop)"),
+        "sai_strength": _k(
+            str,
+            "single",
+            choices=("single", "released"),
+            help="released: the masking strength is rescaled twice when noise also runs",
+        ),
+        "sai_weight": _k(
+            float, 0.01, low=0.0, help="final SAI weight of the ramp w exp(-10(1-t/T)^2) (unsupervised_w)"
+        ),
+        "sai_warm_up": _k(int, 0, low=0, help="SAI starts at this iteration (released warm_up, in epochs)"),
+    },
 }
 
 
