@@ -448,3 +448,37 @@ def test_split_path_escaping_data_root_is_refused(tmp_path):
     split.write_text(split.read_text() + "../../etc/passwd SegmentationClass/train_00000.png\n")
     out = run([*RUNNER, "--config", config, "--save-path", str(tmp_path / "run")], expect=2)
     assert f"{split}:" in out and "'../../etc/passwd' is absolute or leaves the dataset root" in out
+
+
+def test_skipped_step_puts_back_the_method_state(data, tmp_path):
+    """In-process: MLCL's prototype memory, updated inside its step, is restored when the step is skipped."""
+    from MLCL import MLCL
+    from util.config import load_config
+    from util.engine import Trainer
+
+    config = write_config(str(tmp_path))
+    trainer = Trainer(MLCL, load_config(config, ["max_iters=3", "mlcl.anchor_thresh=0"]), None)
+    try:
+        batches = trainer._batches(0, 0)
+        trainer.train_step(next(batches))  # a good step initialises the prototypes
+        before = {k: v.clone() for k, v in trainer.method.prototypes.state_dict().items()}
+        assert before["initialised"].any()
+        step = trainer.method.step
+
+        def nan_loss(batch):
+            losses, stats = step(batch)  # the memory takes its EMA step in here
+            losses["x"] = losses["x"] * float("nan")
+            return losses, stats
+
+        trainer.method.step = nan_loss
+        trainer.iteration = 1
+        trainer.train_step(next(batches))
+        assert trainer.nonfinite_steps == 1
+        after = trainer.method.prototypes.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step moved the memory"
+        trainer.method.step = step
+        trainer.train_step(next(batches))
+        moved = trainer.method.prototypes.state_dict()["memory"]
+        assert not torch.equal(moved, before["memory"]), "a good step must move the memory"
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -127,6 +127,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _clone_tensors(state):
+    """A copy of a (nested) state dict whose tensors do not share memory with the originals."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _clone_tensors(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_clone_tensors(v) for v in state)
+    return state
+
+
 def _as_tuple(value):
     # Python's random state is a nested tuple; keep it one after a round trip through a checkpoint.
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
@@ -301,6 +312,9 @@ class Trainer:
         self.method.iteration = self.iteration
         if self._buffers:
             torch._foreach_copy_(self._buffer_backup, self._buffers)
+        # What the method carries (a prototype memory, a teacher) may change inside its step: keep a copy
+        # to put back if the step is skipped, so a NaN never reaches it.
+        self._method_backup = _clone_tensors(self.method.state_dict())
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             losses, stats = self.method.step(batch)
         loss = sum(losses.values())
@@ -370,6 +384,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._buffer_backup)
+        self.method.load_state_dict(self._method_backup)
         parts = [
             f"loss term '{name}' on rank {', '.join(map(str, ranks))}" for name, ranks in bad_terms.items()
         ]
