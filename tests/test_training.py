@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,13 +33,6 @@ num_workers: 0
 deterministic: true
 log_interval: 1
 """
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.format(root=tmp_path))
-    return str(path)
 
 
 def run(args, expect=0, env_extra=None):
