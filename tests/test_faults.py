@@ -251,6 +251,7 @@ def test_checkpoint_with_pickled_code_is_refused_everywhere(data, tmp_path):
     out = run([*RUNNER, "--config", data["config"], "--save-path", str(tmp_path / "run2"),
                f"pretrained={evil}"], expect=2)  # fmt: skip
     assert f"cannot load pretrained weights from '{evil}'" in out and "posix.mkdir" in out
+    assert "set to `False`" not in out  # torch's advice to unpickle it anyway is not passed on
     assert not marker.exists()
 
 

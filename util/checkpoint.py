@@ -133,7 +133,7 @@ def _check_crc(path: str) -> None:
         )
 
 
-def _reason(err: Exception) -> str:
+def load_failure_reason(err: Exception) -> str:
     text = str(err)
     if "Weights only load failed" in text:
         # torch's message advises weights_only=False; for a file we did not write that is the danger.
@@ -156,7 +156,7 @@ def load(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickled code refused by weights_only, not a torch file...
-        raise CheckpointError(f"cannot load checkpoint {path}: {_reason(err)}") from err
+        raise CheckpointError(f"cannot load checkpoint {path}: {load_failure_reason(err)}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj

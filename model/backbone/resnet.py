@@ -9,6 +9,8 @@ import logging
 import torch
 from torch import nn
 
+from util.checkpoint import load_failure_reason
+
 logger = logging.getLogger(__name__)
 
 
@@ -196,7 +198,7 @@ def _read_state_dict(path):
         # weights_only: never unpickle arbitrary objects from a user-supplied file
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot load pretrained weights from '{path}': {err}") from err
+        raise ValueError(f"cannot load pretrained weights from '{path}': {load_failure_reason(err)}") from err
 
     if isinstance(checkpoint, dict):
         for wrapper in ("state_dict", "model"):
