@@ -8,6 +8,22 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = 255
+COS_EPS = 1e-6  # the eps of every cosine similarity, as in UCCL's and MLCL's released code
+
+
+def cosine_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity along dim 1 of two (B, C, ...) maps -> (B, ...), in float32."""
+    return F.cosine_similarity(a.float(), b.float(), dim=1, eps=COS_EPS)
+
+
+def cosine_alignment_loss(target: torch.Tensor, feature: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """1 - mean over the valid pixels of cos(target, feature); the target gets no gradient.
+
+    target, feature: (B, C, ...) maps of the same content; valid: (B, ...) bool (not crop padding).
+    """
+    cos = cosine_map(target.detach(), feature)
+    valid = valid.to(cos.dtype)
+    return 1 - (cos * valid).sum() / valid.sum().clamp(min=1)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:

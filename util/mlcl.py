@@ -16,13 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from util.dist import all_reduce_sum, get_world_size
-
-EPS = 1e-6  # cosine similarity eps, as in the released code
-
-
-def cosine_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity along the channels of two (B, C, h, w) maps -> (B, h, w), in float32."""
-    return F.cosine_similarity(a.float(), b.float(), dim=1, eps=EPS)
+from util.losses import cosine_alignment_loss, cosine_map
 
 
 def pixels(feature: torch.Tensor) -> torch.Tensor:
@@ -36,9 +30,7 @@ def point_to_point_loss(weak: torch.Tensor, strong: torch.Tensor, valid: torch.T
 
     weak, strong: (B, C, h, w) features of the same content; valid: (B, h, w) bool (not crop padding).
     """
-    cos = cosine_map(weak.detach(), strong)
-    valid = valid.to(cos.dtype)
-    return 1 - (cos * valid).sum() / valid.sum().clamp(min=1)
+    return cosine_alignment_loss(weak, strong, valid)
 
 
 def class_sums(

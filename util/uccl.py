@@ -12,7 +12,7 @@ of the paper's method; docs/DIFFERENCES.md lists what changes.
 import torch
 import torch.nn.functional as F
 
-COS_EPS = 1e-6
+from util.losses import cosine_alignment_loss, cosine_map
 
 
 def _group_sums(values: torch.Tensor, label: torch.Tensor, member: torch.Tensor, nclass: int) -> torch.Tensor:
@@ -53,9 +53,7 @@ def sbu_loss(
     if not released:
         uncertain &= logits_strong.detach().float().softmax(dim=1).amax(dim=1) <= thresh
         feat_strong = feat_strong.detach()
-    similarity = similarity_sign * F.cosine_similarity(
-        feat_weak.float(), feat_strong.float(), dim=1, eps=COS_EPS
-    )
+    similarity = similarity_sign * cosine_map(feat_weak, feat_strong)
     ce = F.cross_entropy(logits_strong.float(), pseudo_label, reduction="none")
 
     label, member = pseudo_label.flatten(1), (uncertain & valid).flatten(1).float()  # (B, N)
@@ -140,6 +138,5 @@ def ckr_loss(
         keep = valid.unsqueeze(1)
         region_weak = torch.where(keep, region_weak, feat_weak.detach())
         region_strong = torch.where(keep, region_strong, feat_strong)
-        return 1 - F.cosine_similarity(region_weak, region_strong, dim=1, eps=COS_EPS).mean()
-    cos = F.cosine_similarity(region_weak, region_strong, dim=1, eps=COS_EPS)  # (B, N)
-    return 1 - (cos * valid).sum() / valid.sum().clamp(min=1)
+        return 1 - cosine_map(region_weak, region_strong).mean()
+    return cosine_alignment_loss(region_weak, region_strong, valid)
