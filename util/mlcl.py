@@ -229,7 +229,10 @@ class PrototypeMemory:
         self.initialised = all_reduce_sum(initialised.to(torch.float32)) > 0
 
     def state_dict(self) -> dict:
-        return {"memory": self.memory.detach().cpu().clone(), "initialised": self.initialised.cpu().clone()}
+        # The tensors themselves, on their device: the engine copies the state before every step (to put
+        # it back if the step is skipped), so a copy to the host here would cost a sync per step. `update`
+        # replaces the tensors rather than writing into them, so a saved reference never changes.
+        return {"memory": self.memory, "initialised": self.initialised}
 
     def load_state_dict(self, state: dict) -> None:
         memory, initialised = state["memory"], state["initialised"]
