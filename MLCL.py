@@ -14,7 +14,7 @@ import torch
 
 from unimatch import UniMatch, cutmix, resize_feature, sample_to_grid
 from util.engine import main
-from util.mlcl import (
+from util.losses.mlcl import (
     PrototypeMemory,
     feature_masking,
     fka_prototype_loss,

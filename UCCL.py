@@ -12,7 +12,7 @@ code (docs/DIFFERENCES.md).
 
 from unimatch import UniMatch, cutmix, resize_feature, sample_to_grid
 from util.engine import main
-from util.uccl import ckr_loss, sbu_loss
+from util.losses.uccl import ckr_loss, sbu_loss
 
 
 class UCCL(UniMatch):

@@ -1,11 +1,11 @@
 """Two-rank prototype memory update for tests/test_mlcl.py, in a module light enough to import quickly in
-the spawned processes (torch and util.mlcl only)."""
+the spawned processes (torch and util.losses.mlcl only)."""
 
 import os
 
 import torch
 
-from util.mlcl import PrototypeMemory
+from util.losses.mlcl import PrototypeMemory
 
 
 def rank_data(rank: int):

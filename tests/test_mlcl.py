@@ -13,7 +13,7 @@ from MLCL import MLCL
 from tests import mlcl_ranks
 from tests.test_training import TINY, run, weights
 from tests.test_unimatch_step import make_batch
-from util import mlcl as M
+from util.losses import mlcl as M
 from util.config import ConfigError, defaults, load_config
 from util.losses import cross_entropy
 

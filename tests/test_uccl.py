@@ -12,7 +12,7 @@ from tests.test_unimatch_step import make_batch
 from UCCL import UCCL
 from util.config import ConfigError, load_config
 from util.losses import cross_entropy
-from util.uccl import ckr_loss, sbu_loss
+from util.losses.uccl import ckr_loss, sbu_loss
 
 
 def tiny_inputs(seed=0, B=2, C=4, K=3, h=5, w=6, scale=1.5):
