@@ -13,9 +13,9 @@ from MLCL import MLCL
 from tests import mlcl_ranks
 from tests.test_training import TINY, run, weights
 from tests.test_unimatch_step import make_batch
-from util.losses import mlcl as M
 from util.config import ConfigError, defaults, load_config
 from util.losses import cross_entropy
+from util.losses import mlcl as M
 
 
 # ------------------------------------------------------------------------------------- loop references
