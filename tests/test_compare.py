@@ -250,3 +250,18 @@ def test_bad_input_stops_before_training(tmp_path, capsys, args, message):
         compare.main(["--config", str(config), "--save-root", str(tmp_path / "cmp"), *args])
     assert info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_real_run_with_the_engine(tiny_config, tmp_path):
+    """One real training run: the engine's evals.jsonl is read, its length (epochs, no max_iters) is the
+    one compare plans, and the same command again trains nothing."""
+    root = tmp_path / "cmp"
+    command = ["--config", tiny_config, "--methods", "supervised", "--seeds", "0", "--save-root", str(root)]
+    command += ["max_iters=null", "epochs=1"]  # 18 unlabeled images, batch 2: 9 iterations
+    (summary,) = compare.main(command)
+    assert summary.runs == 1
+    run = compare.read_run(compare.Run("supervised", 0, str(root / "supervised" / "seed0")), None, 1)
+    assert (run.status, run.iteration, run.final_iteration) == ("finished", 9, 9)
+    assert len(run.best_iou) == 6 and run.seconds_per_iter > 0
+    compare.main(command)
+    assert (root / "supervised" / "seed0" / "compare.log").read_text().count("$ ") == 1
