@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset.classes import class_names, palette
+from dataset.classes import dataset_classes
 from dataset.semi import SemiDataset
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model
@@ -80,6 +80,7 @@ def main(argv=None) -> dict:
         state = ckpt.load(args.checkpoint)
         model = build_model({**cfg, "pretrained": None}).to(dist_info.device)
         ckpt.load_model_weights(model, ckpt.model_state(state), args.checkpoint)
+        classes = dataset_classes(cfg)
         val = SemiDataset(
             cfg["data_root"], "val", cfg["val_id_path"], nclass=cfg["nclass"],
             allow_outside_root=cfg["allow_outside_data_root"],
@@ -94,7 +95,7 @@ def main(argv=None) -> dict:
     scales = tuple(args.scales or cfg["eval_scales"])
     on_prediction = None
     if args.save_vis:
-        on_prediction = VisualisationWriter(args.save_vis, palette(cfg["dataset"], cfg["nclass"]))
+        on_prediction = VisualisationWriter(args.save_vis, classes.palette)
     amp_dtype = AMP_DTYPES[cfg["amp"]]
     flip = args.flip or cfg["eval_flip"]
     result = evaluate(
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
             where += f", network '{state['network']}'"
         print(f"{args.checkpoint}{where} on {cfg['val_id_path']}: {len(val)} images, mode {mode}, "
               f"flip {flip}, scales {list(scales)}")  # fmt: skip
-        print(format_iou_table(result["iou"], class_names(cfg["dataset"], cfg["nclass"])))
+        print(format_iou_table(result["iou"], classes.names))
         if args.save_vis:
             print(f"predictions saved to {args.save_vis}")
     cleanup()
