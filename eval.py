@@ -20,16 +20,13 @@ from PIL import Image
 
 from dataset.classes import dataset_classes
 from dataset.semi import SemiDataset
-from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup, init_distributed
 from util.engine import AMP_DTYPES, EXIT_BAD_INPUT, prepare_demo_data
 from util.metrics import ShardSampler, evaluate, format_iou_table
-
-MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+from util.visualise import side_by_side
 
 
 def parse_args(argv=None):
@@ -58,13 +55,9 @@ class VisualisationWriter:
         self.colours = colours
 
     def __call__(self, img, mask, pred, ids):
-        image = ((img[0].cpu().float() * STD + MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        gt = self.colours[mask[0].cpu().numpy().astype(np.uint8)]
-        pr = self.colours[pred[0].cpu().numpy().astype(np.uint8)]
         name = os.path.splitext(os.path.basename(ids[0]))[0]
-        Image.fromarray(np.concatenate([image, gt, pr], axis=1)).save(
-            os.path.join(self.folder, name + ".png")
-        )
+        picture = side_by_side(img[0], mask[0], pred[0], self.colours)
+        Image.fromarray(picture).save(os.path.join(self.folder, name + ".png"))
 
 
 def main(argv=None) -> dict:

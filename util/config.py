@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from model.weights import pretrained_problem
+
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type, out of range, or names a path that does not exist."""
@@ -57,15 +59,18 @@ SCHEMA: dict[str, Any] = {
     "deep_stem": _k(bool, False),
     "output_stride": _k(int, 16, choices=(8, 16)),
     "dilations": _k(list, [6, 12, 18], item_type=int, length=3),
-    "pretrained": _k(str, None, optional=True, help="ImageNet backbone weights (torchvision or deep-stem)"),
+    "pretrained": _k(str, None, optional=True, help="backbone weights: a file, or torchvision[:TAG]"),
+    "classes": _k(
+        str, None, optional=True, help="file of class names [and R G B]; default <data_root>/classes.txt"
+    ),
     "backbone_width": _k(int, 64, low=1, help="ResNet base width; only 64 fits pretrained weights"),
     "head_channels": _k(int, 256, low=1),
     # --- optimisation ---
     "epochs": _k(int, low=1),
-    "max_iters": _k(int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"),
+    "max_iters": _k(int, None, optional=True, low=1, help="stop after this many iterations (not epochs)"),
     "batch_size": _k(int, low=1, help="per process, for the labeled and the unlabeled loader each"),
     "lr": _k(float, above=0.0),
-    "lr_multi": _k(float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"),
+    "lr_multi": _k(float, 10.0, above=0.0, help="lr factor of the head (everything but the backbone)"),
     "momentum": _k(float, 0.9, low=0, high=1),
     "weight_decay": _k(float, 1e-4, low=0),
     "poly_power": _k(float, 0.9, low=0),
@@ -332,8 +337,11 @@ def check_paths(cfg: dict, source: str, need_unlabeled: bool) -> None:
             )
         if not exists(value):
             raise ConfigError(f"{source}: key '{key}' names a path that does not exist: {value}")
-    if cfg["pretrained"] is not None and not os.path.isfile(cfg["pretrained"]):
-        raise ConfigError(f"{source}: key 'pretrained' names a file that does not exist: {cfg['pretrained']}")
+    problem = pretrained_problem(cfg["pretrained"], cfg["backbone"], cfg["deep_stem"])
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem}")
+    if cfg["classes"] is not None and not os.path.isfile(cfg["classes"]):
+        raise ConfigError(f"{source}: key 'classes' names a file that does not exist: {cfg['classes']}")
 
 
 if __name__ == "__main__":
