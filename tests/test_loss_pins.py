@@ -1,0 +1,251 @@
+"""Pinned loss values: the first three steps of each method on a fixed tiny model, batch and seed.
+
+Every loss term of every step is pinned (rel 1e-4), so a change that moves any method's numbers, even
+one term at the start of training, fails here and has to be made on purpose (with new pins). After a
+deliberate change, `python tests/test_loss_pins.py` prints the new table.
+"""
+
+import math
+
+import pytest
+import torch
+
+from MLCL import MLCL
+from model import build_model
+from supervised import Supervised
+from UCCL import UCCL
+from unimatch import UniMatch
+from util.config import defaults
+from util.losses import cross_entropy
+
+STEPS = 3
+NCLASS, SIZE, BATCH = 3, 33, 2  # 33 = 4 * 9 - 3: the stride-4 grid is every 4th pixel
+
+TINY_MODEL = {
+    "nclass": NCLASS,
+    "backbone": "resnet18",
+    "backbone_width": 8,
+    "head_channels": 16,
+    "dilations": [1, 2, 3],
+    "conf_thresh": 0.4,  # a fresh 3-class net is 35-48% sure: some pixels pass, some do not
+}
+
+# The released code's choices, as docs/DIFFERENCES.md lists them.
+UCCL_RELEASED = {"sbu": "released", "ckr": "released", "feature": "decoder", "similarity": "negative",
+                 "weak_view": "forward"}  # fmt: skip
+MLCL_RELEASED = {"fka_feature": "decoder", "p2p_weight": 0.0, "proto_pairing": "positional",
+                 "anchor_selection": "released", "proto_denominator": "strong", "ema_update": "released",
+                 "sai_feature": "decoder", "sai_strength": "released"}  # fmt: skip
+MLCL_TINY = {"anchor_thresh": 0.38, "num_anchors": 3, "num_strong": 5}  # selections that fit a 9 x 9 grid
+
+CASES = {
+    "unimatch": (UniMatch, {}),
+    "supervised": (Supervised, {}),
+    "UCCL": (UCCL, {"uccl": {"uncertain_thresh": 0.4}}),
+    "UCCL_released": (UCCL, {"uccl": UCCL_RELEASED}),
+    "MLCL": (MLCL, {"mlcl": MLCL_TINY}),
+    "MLCL_released": (MLCL, {"mlcl": {**MLCL_TINY, **MLCL_RELEASED}}),
+}
+
+
+def config(sections: dict) -> dict:
+    cfg = {**defaults(), **TINY_MODEL}
+    for name, values in sections.items():
+        cfg[name] = {**cfg[name], **values}
+    return cfg
+
+
+def make_method(cls, cfg):
+    """The method on a tiny DeepLabV3+ built from seed 0."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return cls(model, cfg, cross_entropy), model
+
+
+def batch(step: int) -> dict:
+    """A fixed random batch per step: images, labels with an ignored pixel, padded rows, CutMix boxes."""
+    g = torch.Generator().manual_seed(100 + step)
+    img_x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
+    mask_x = torch.randint(0, NCLASS, (BATCH, SIZE, SIZE), generator=g)
+    mask_x[0, 0, 0] = 255
+
+    def unlabeled():
+        imgs = [torch.randn(BATCH, 3, SIZE, SIZE, generator=g) for _ in range(3)]
+        ignore = torch.zeros(BATCH, SIZE, SIZE, dtype=torch.long)
+        ignore[:, -5:, :] = 255
+        boxes = []
+        for _ in range(2):
+            box = torch.zeros(BATCH, SIZE, SIZE, dtype=torch.long)
+            top, left = torch.randint(0, SIZE // 2, (2,), generator=g).tolist()
+            box[:, top : top + SIZE // 2, left : left + SIZE // 2] = 1
+            boxes.append(box)
+        return (*imgs, ignore, *boxes)
+
+    return {"labeled": (img_x, mask_x), "unlabeled": unlabeled(), "mix": unlabeled()}
+
+
+def run_steps(name: str) -> list[dict[str, float]]:
+    """The loss terms of the first STEPS steps, with a plain SGD step in between."""
+    cls, sections = CASES[name]
+    method, model = make_method(cls, config(sections))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    method.total_iters = STEPS
+    values = []
+    for step in range(STEPS):
+        method.iteration = step
+        losses, _ = method.step(batch(step))
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        values.append({k: v.item() for k, v in losses.items()})
+    return values
+
+
+# Made by `python tests/test_loss_pins.py` (values to 8 significant digits).
+PINS = {
+    "MLCL": [
+        {
+            "x": 0.55481428,
+            "s1": 0.021767711,
+            "s2": 0.020049216,
+            "fp": 0.070627443,
+            "p2p": 0.060222108,
+            "proto": 0.0040995241,
+            "noise": 2.7273441e-09,
+            "mask": 1.7387974e-09,
+        },
+        {
+            "x": 0.55254316,
+            "s1": 0.014747,
+            "s2": 0.01293301,
+            "fp": 0.026229348,
+            "p2p": 0.05410964,
+            "proto": 0.0049281265,
+            "noise": 5.3760522e-07,
+            "mask": 4.3519537e-07,
+        },
+        {
+            "x": 0.55810905,
+            "s1": 0.009736022,
+            "s2": 0.017928453,
+            "fp": 0.059424203,
+            "p2p": 0.051304281,
+            "proto": 0.0036115488,
+            "noise": 1.8318993e-05,
+            "mask": 1.3274372e-05,
+        },
+    ],
+    "MLCL_released": [
+        {
+            "x": 0.55481428,
+            "s1": 0.021767711,
+            "s2": 0.020049216,
+            "fp": 0.070627443,
+            "proto": 0.0088682622,
+            "noise": 2.2452509e-09,
+            "mask": 1.8848636e-09,
+        },
+        {
+            "x": 0.55214065,
+            "s1": 0.026831023,
+            "s2": 0.027965572,
+            "fp": 0.05946492,
+            "proto": 0.0080855275,
+            "noise": 5.8415748e-07,
+            "mask": 5.1811202e-07,
+        },
+        {
+            "x": 0.56179029,
+            "s1": 0.023229633,
+            "s2": 0.019539718,
+            "fp": 0.072992563,
+            "proto": 0.0083903326,
+            "noise": 1.5426082e-05,
+            "mask": 1.3419958e-05,
+        },
+    ],
+    "UCCL": [
+        {
+            "x": 0.55481428,
+            "s1": 0.021767711,
+            "s2": 0.020049216,
+            "fp": 0.070627443,
+            "sbu": 0.016400406,
+            "ckr": 0.0073439032,
+        },
+        {
+            "x": 0.55504847,
+            "s1": 0.032198623,
+            "s2": 0.027385894,
+            "fp": 0.066697553,
+            "sbu": 0.016356437,
+            "ckr": 0.0088145575,
+        },
+        {
+            "x": 0.55969089,
+            "s1": 0.0098038446,
+            "s2": 0.0093882754,
+            "fp": 0.024607444,
+            "sbu": 0.016645765,
+            "ckr": 0.005826768,
+        },
+    ],
+    "UCCL_released": [
+        {
+            "x": 0.55481428,
+            "s1": 0.021767711,
+            "s2": 0.020049216,
+            "fp": 0.070627443,
+            "sbu": 0.01248133,
+            "ckr": 0.0064043012,
+        },
+        {
+            "x": 0.55506581,
+            "s1": 0.031511292,
+            "s2": 0.026672808,
+            "fp": 0.064935282,
+            "sbu": 0.012468121,
+            "ckr": 0.0062540886,
+        },
+        {
+            "x": 0.55974925,
+            "s1": 0.012092994,
+            "s2": 0.01021879,
+            "fp": 0.028672136,
+            "sbu": 0.012295811,
+            "ckr": 0.0053702043,
+        },
+    ],
+    "supervised": [
+        {"x": 1.1194558},
+        {"x": 1.107675},
+        {"x": 1.1256611},
+    ],
+    "unimatch": [
+        {"x": 0.55481428, "s1": 0.021767711, "s2": 0.020049216, "fp": 0.070627443},
+        {"x": 0.55503017, "s1": 0.031775892, "s2": 0.026966929, "fp": 0.064852804},
+        {"x": 0.55979317, "s1": 0.01003335, "s2": 0.0094769914, "fp": 0.024017969},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_first_steps_loss_values_are_pinned(name):
+    torch.set_num_threads(1)
+    got = run_steps(name)
+    for step, (terms, pinned) in enumerate(zip(got, PINS[name])):
+        assert list(terms) == list(pinned), f"{name} step {step}: terms {list(terms)}"
+        for term, value in pinned.items():
+            assert math.isfinite(terms[term])
+            assert terms[term] == pytest.approx(value, rel=1e-4, abs=1e-12), f"{name} step {step} {term}"
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print("PINS = {")
+    for name in sorted(CASES):
+        print(f'    "{name}": [')
+        for terms in run_steps(name):
+            print("        {" + ", ".join(f'"{k}": {v:.8g}' for k, v in terms.items()) + "},")
+        print("    ],")
+    print("}")
