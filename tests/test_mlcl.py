@@ -316,11 +316,11 @@ def test_sai_losses_match_loop(sai_feature, sai_strength):
     losses, _ = method.sai_losses(p)
 
     torch.manual_seed(5)  # replay the draws: noise (2B, C, h, w), then masking (2B,)
-    level = "enc" if sai_feature == "encoder" else "feat"
-    strong = torch.cat([p[f"{level}_u_s1"], p[f"{level}_u_s2"]]).detach()
+    level = sai_feature
+    strong = torch.cat([view.feature(level) for view in p.strong_views]).detach()
     u_noise = torch.rand(strong.shape)
     u_mask = torch.rand(strong.shape[0])
-    weak = torch.cat([method.weak_cutmixed(p, level, 1), method.weak_cutmixed(p, level, 2)]).detach()
+    weak = torch.cat([p.weak_cutmixed(view, level) for view in p.strong_views]).detach()
     B2, C, h, w = strong.shape
     noised, masked = strong.clone(), strong.clone()
     for b in range(B2):
@@ -333,14 +333,14 @@ def test_sai_losses_match_loop(sai_feature, sai_strength):
         att = strong[b].mean(0)
         masked[b] = strong[b] * (att < att.max() * (1 - s_mask - 0.1 + 0.2 * u_mask[b])).float()
     box1, box2 = batch["unlabeled"][4], batch["unlabeled"][5]
-    prob_w = p["pred_u_w"].softmax(1)
-    prob_m = F.interpolate(p["logits_low_u_w_mix"], (17, 17), mode="bilinear", align_corners=True).softmax(1)
+    prob_w = p.weak.logits.softmax(1)
+    prob_m = F.interpolate(p.mix.logits_low, (17, 17), mode="bilinear", align_corners=True).softmax(1)
     with torch.no_grad():
         for name, feature in (("noise", noised), ("mask", masked)):
-            if level == "enc":
+            if level == "encoder":
                 # The noise and mask copies go through the decoder as one batch of 4B rows, whose BN
                 # statistics they share (train mode), so the reference decodes the same batch.
-                low = torch.cat([p["low_level_u_s1"], p["low_level_u_s2"]])
+                low = torch.cat([view.low_level for view in p.strong_views])
                 out = method.net.decode(torch.cat([low, low]), torch.cat([noised, masked]))
                 out = out[:B2] if name == "noise" else out[B2:]
             else:
@@ -368,19 +368,24 @@ def test_mlcl_step_terms_and_gradient_reach():
     assert stats["proto_classes"] > 0 and method.prototypes.initialised.any()
     assert not method.prototypes.memory.requires_grad
     total = sum(fka.values()) + sum(sai.values())
-    weak = ["feat_u_w", "enc_u_w", "logits_low_u_w", "low_level_u_w"]
-    strong = ["enc_u_s1", "enc_u_s2", "low_level_u_s1", "low_level_u_s2"]
-    grads = torch.autograd.grad(total, [p[k] for k in weak + strong], allow_unused=True, retain_graph=True)
+    s1, s2 = p.strong_views
+    weak = {"decoder": p.weak.decoder, "encoder": p.weak.encoder, "logits_low": p.weak.logits_low,
+            "low_level": p.weak.low_level}  # fmt: skip
+    strong = {"encoder 1": s1.encoder, "encoder 2": s2.encoder, "low_level 1": s1.low_level,
+              "low_level 2": s2.low_level}  # fmt: skip
+    grads = torch.autograd.grad(
+        total, [*weak.values(), *strong.values()], allow_unused=True, retain_graph=True
+    )
     for name, grad in zip(weak, grads[: len(weak)]):
-        assert grad is None, f"{name}: the weak view is a target and gets no MLCL gradient"
+        assert grad is None, f"weak {name}: the weak view is a target and gets no MLCL gradient"
     for name, grad in zip(strong, grads[len(weak) :]):
-        assert grad is not None and grad.abs().sum() > 0, f"{name} gets no gradient"
+        assert grad is not None and grad.abs().sum() > 0, f"strong {name} gets no gradient"
     # The released decoder level: every MLCL term starts from the strong decoder features.
     method = tiny_method(fka_feature="decoder", sai_feature="decoder")
     p = method.predict(batch)
     for terms in (method.fka_losses(p)[0], method.sai_losses(p)[0]):
         g_w, g_mix, g_s1, g_s2 = torch.autograd.grad(
-            sum(terms.values()), [p[k] for k in ("feat_u_w", "logits_low_u_w", "feat_u_s1", "feat_u_s2")],
+            sum(terms.values()), [p.weak.decoder, p.weak.logits_low, *(v.decoder for v in p.strong_views)],
             allow_unused=True, retain_graph=True,
         )  # fmt: skip
         assert g_w is None and g_mix is None and g_s1.abs().sum() > 0 and g_s2.abs().sum() > 0
