@@ -1,5 +1,5 @@
-"""MLCL (spec section 2): every term against a direct, loop-based computation of the spec's formula, the
-prototype memory (EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, and real runs."""
+"""MLCL: every term against a direct, loop-based computation of its formula, the prototype memory
+(EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, and real runs."""
 
 import math
 import os
@@ -32,7 +32,8 @@ def rows(t):
 
 def reference_prototype_loss(weak, strong, labels, conf, valid, memory, initialised, n, m, thresh,
                              pairing, selection, denominator):  # fmt: skip
-    """Spec 2.3 as lists: select_feature, select_feature_low and calculate_loss, class by class."""
+    """The prototype term with lists, class by class: anchor selection (most similar confident weak
+    pixels), strong-sample selection (least similar strong pixels), then the nearest-sample loss."""
     weak, strong, memory = rows(weak), rows(strong), rows(memory)
     labels, conf, valid = labels.tolist(), conf.tolist(), valid.tolist()
     list_w, classes_w, list_s, classes_s = [], [], [], []
@@ -65,7 +66,8 @@ def reference_prototype_loss(weak, strong, labels, conf, valid, memory, initiali
 
 
 def reference_update_memory(memory, initialised, features, labels, mask, momentum, released):
-    """Spec 2.3 update_memory, one class at a time (need_update set once per call)."""
+    """The memory's EMA step, one class at a time in class order; the released variant stops moving
+    initialised classes once a class has started in this call."""
     memory, initialised = rows(memory), list(initialised.tolist())
     need_update = True
     for c in sorted(set(labels.tolist())):
@@ -287,7 +289,14 @@ def test_noise_and_masking_match_loop():
 
 
 def test_sai_weight_follows_the_released_ramp():
-    table = {0: 4.54e-7, 0.25: 3.6e-5, 0.5: 8.2e-4, 0.75: 5.4e-3, 0.9: 9.0e-3, 1: 0.01}  # spec 2.4
+    table = {
+        0: 4.54e-7,
+        0.25: 3.6e-5,
+        0.5: 8.2e-4,
+        0.75: 5.4e-3,
+        0.9: 9.0e-3,
+        1: 0.01,
+    }  # 0.01 exp(-10 (1-t)^2)
     for frac, value in table.items():
         assert M.sai_weight(0.01, int(frac * 1000), 1000) == pytest.approx(value, rel=0.03)
 

@@ -1,5 +1,5 @@
-"""UCCL: SBU and CKR against direct loop computations of the spec's formulas (paper and released
-variants), their gradient paths, the step's forward passes, and a two-process run that resumes."""
+"""UCCL: SBU and CKR against direct loop computations of their formulas (paper and released variants),
+their gradient paths, the step's forward passes, and a two-process run that resumes."""
 
 import math
 import sys
@@ -149,7 +149,7 @@ def test_ckr_released_weights_stay_finite_with_large_logits():
     assert got.item() == pytest.approx(ckr_reference(fw, fs, zw, valid, True), rel=1e-5, abs=1e-7)
 
 
-# ---------------------------------------------------------------- gradient paths (spec 1.5)
+# ---------------------------------------------------------------- gradient paths
 def grads(loss_fn, released):
     fw, fs, zw, zs, valid = (t.requires_grad_() if t.is_floating_point() else t for t in tiny_inputs())
     loss = loss_fn(fw, fs, zw, zs, valid, released)

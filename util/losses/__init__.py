@@ -40,7 +40,7 @@ def ohem_cross_entropy(
     min_kept: int = 200000,
     ignore_index: int = IGNORE,
 ) -> torch.Tensor:
-    """Online hard example mining (UniMatch's `ProbOhemCrossEntropy2d`, spec section 0.5).
+    """Online hard example mining, as UniMatch's `ProbOhemCrossEntropy2d` (its Cityscapes labeled loss).
 
     Keeps the pixels whose probability of the true class is at most max(thresh, the min_kept-th smallest
     such probability); if fewer than min_kept pixels are valid, every valid pixel is kept.

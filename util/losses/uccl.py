@@ -5,8 +5,8 @@ All inputs live on one feature grid (h, w), the stride-4 grid of the decoder:
     logits_weak, logits_strong  (B, K, h, w)  low-resolution logits of the two views
     valid                       (B, h, w)     bool, False on crop padding
 
-Each function has a `released` flag that reproduces the authors' code (spec section 1.2 and 1.3) instead
-of the paper's method; docs/DIFFERENCES.md lists what changes.
+Each function has a `released` flag that reproduces the authors' released code instead of the paper's
+method; docs/DIFFERENCES.md lists what changes.
 """
 
 import torch
@@ -42,7 +42,7 @@ def sbu_loss(
     `thresh` (the figure filters with both predictions); the weights are a softmax over M_bc of the
     similarity and carry no gradient, so only the strong logits are trained.
 
-    released=True (spec 1.2): uncertain means weak confidence <= thresh only; the softmax runs over the
+    released=True: uncertain means weak confidence <= thresh only; the softmax runs over the
     whole h*w map with logit S(p) inside M_bc and 0 elsewhere; the cross-entropy covers every valid pixel;
     the similarity keeps its gradient to the strong features.
     """
@@ -110,7 +110,7 @@ def ckr_loss(
     softmax(p_w) to the injection), detached; the mean runs over valid pixels. Gradient reaches the
     strong features only.
 
-    released=True (spec 1.3): the weight is a softmax over the region of the raw logit z_w,c, and the weak
+    released=True: the weight is a softmax over the region of the raw logit z_w,c, and the weak
     logits keep their gradient (it flows through the strong view's weights); padded pixels keep their own
     feature and count in the mean over all B*h*w pixels.
     """
