@@ -58,8 +58,8 @@ def sbu_reference(fw, fs, zw, zs, valid, thresh, sign, released):
                 for p in pixels
                 if label[p] == c
                 and valid[b, p[0], p[1]]
-                and max(prob_w[p]) <= thresh
-                and (released or max(prob_s[p]) <= thresh)
+                # uncertain: the weak view (released), or either view (paper)
+                and (max(prob_w[p]) <= thresh or (not released and max(prob_s[p]) <= thresh))
             ]
             if not region:
                 continue
@@ -131,6 +131,21 @@ def test_sbu_paper_and_released_differ_and_empty_is_zero():
     assert abs(paper.item() - released.item()) > 1e-3
     # Cityscapes as released: conf_thresh 0 leaves no uncertain pixel, so SBU is exactly 0
     assert sbu_loss(fw, fs, zw, zs, valid, 0.0, released=True).item() == 0.0
+
+
+def test_sbu_uncertain_when_either_view_is_unsure():
+    """One pixel, classes 0/1: its weak prediction is sure of class 0 (p = 0.99), its strong one is not
+    (0.5), or the other way round. Paper: uncertain either way, so SBU is the strong CE of class 0 there;
+    released: uncertain only when the weak view is unsure."""
+    feat = torch.ones(1, 2, 1, 1)
+    sure, unsure = torch.tensor([4.6, 0.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)
+    valid = torch.ones(1, 1, 1, dtype=torch.bool)
+    for weak, strong in ((sure, unsure), (unsure, sure)):
+        ce = torch.nn.functional.cross_entropy(strong, torch.zeros(1, 1, 1, dtype=torch.long))
+        assert sbu_loss(feat, feat, weak, strong, valid, 0.9).item() == pytest.approx(ce.item())
+    assert sbu_loss(feat, feat, sure, unsure, valid, 0.9, released=True).item() == 0.0
+    # both views sure: no uncertain pixel
+    assert sbu_loss(feat, feat, sure, sure, valid, 0.9).item() == 0.0
 
 
 @pytest.mark.parametrize("released", [False, True])

@@ -39,19 +39,21 @@ def sbu_loss(
         L = 1/B sum_b 1/n_b sum_c sum_{p in M_bc} w_bc(p) CE(z_s(p), y(p)),   n_b = #non-empty classes.
 
     Paper (default): a pixel is uncertain when the weak or the strong view's confidence is at most
-    `thresh` (the figure filters with both predictions); the weights are a softmax over M_bc of the
-    similarity and carry no gradient, so only the strong logits are trained.
+    `thresh`: the figure's unreliable-region filter takes both predictions, and a pixel is reliable only
+    when both views are sure of it. So M covers every pixel that UniMatch's confident loss leaves out
+    (weak confidence below its threshold) and those the strong view is unsure of. The weights are a
+    softmax over M_bc of the similarity and carry no gradient, so only the strong logits are trained.
 
-    released=True: uncertain means weak confidence <= thresh only; the softmax runs over the
-    whole h*w map with logit S(p) inside M_bc and 0 elsewhere; the cross-entropy covers every valid pixel;
-    the similarity keeps its gradient to the strong features.
+    released=True: uncertain means weak confidence <= thresh only; the softmax runs over the whole h*w
+    map with logit S(p) inside M_bc and 0 elsewhere; the cross-entropy covers every valid pixel; the
+    similarity keeps its gradient to the strong features.
     """
     B, K = logits_weak.shape[:2]
     feat_weak, logits_weak = feat_weak.detach(), logits_weak.detach().float()
     confidence, pseudo_label = logits_weak.softmax(dim=1).max(dim=1)
     uncertain = confidence <= thresh
     if not released:
-        uncertain &= logits_strong.detach().float().softmax(dim=1).amax(dim=1) <= thresh
+        uncertain |= logits_strong.detach().float().softmax(dim=1).amax(dim=1) <= thresh
         feat_strong = feat_strong.detach()
     similarity = similarity_sign * cosine_map(feat_weak, feat_strong)
     ce = F.cross_entropy(logits_strong.float(), pseudo_label, reduction="none")
