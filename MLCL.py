@@ -10,10 +10,12 @@ released code differs (docs/DIFFERENCES.md). Everything comes from UniMatch's fo
 view of each CutMixed strong view is pasted from the weak and the mix outputs, with no forward of its own.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from model.semseg.deeplabv3plus import running_stats_frozen
 from unimatch import Prediction, UniMatch, View, cutmix, resize_feature, sample_to_grid
 from util.engine import main
 from util.losses import IGNORE
@@ -124,7 +126,12 @@ class MLCL(UniMatch):
         feature = torch.cat(perturbed)
         if level == "encoder":  # the paper: perturbed encoder output through the decoder
             low_level = torch.cat([view.low_level for view in p.strong_views])
-            feature = self.net.decode(low_level.repeat(len(names), 1, 1, 1), feature)
+            # The decoder's BN normalises the perturbed batch by its own statistics; its running
+            # statistics (used at evaluation and for the mix pseudo-labels) follow the real images only,
+            # unless sai_bn_update asks for the perturbed copies to count too.
+            frozen = nullcontext() if c["sai_bn_update"] else running_stats_frozen(self.net)
+            with frozen:
+                feature = self.net.decode(low_level.repeat(len(names), 1, 1, 1), feature)
         size = tuple(p.weak.logits.shape[-2:])
         logits = resize_feature(self.net.classify(feature), size)
 

@@ -163,6 +163,11 @@ SCHEMA: dict[str, Any] = {
             choices=("encoder", "decoder"),
             help="perturb the encoder output and decode (paper) or F and classify (released)",
         ),
+        "sai_bn_update": _k(
+            bool,
+            False,
+            help="encoder-level SAI: the perturbed features also update the decoder's BN running statistics",
+        ),
         "sai_noise": _k(bool, True, help="noise injection (released F-Noise)"),
         "sai_mask": _k(bool, True, help="feature masking (released F-Drop)"),
         "sai_strength": _k(

@@ -1,5 +1,6 @@
 """DeepLabV3+ (Chen et al., 2018) on a dilated ResNet, with UniMatch's feature perturbation."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -44,6 +45,21 @@ class SegmentationOutput:
             type(self)(**{name: t if t is None else t[i] for name, t in parts.items()})
             for i in range(len(sizes))
         ]
+
+
+@contextmanager
+def running_stats_frozen(module: nn.Module):
+    """Inside, the BatchNorm layers of `module` still normalise a train-mode batch by its own statistics
+    (the output and its gradient are unchanged) but leave their running statistics and batch count alone."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = [m for m in layers if m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # in train mode: batch statistics, no running update
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
 
 
 def conv_bn_relu(in_channels, out_channels, kernel_size=1, dilation=1):
