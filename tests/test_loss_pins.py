@@ -16,7 +16,7 @@ from supervised import Supervised
 from UCCL import UCCL
 from unimatch import UniMatch
 from util.config import defaults
-from util.losses import cross_entropy
+from util.losses import build_labeled_criterion
 
 STEPS = 3
 NCLASS, SIZE, BATCH = 3, 33, 2  # 33 = 4 * 9 - 3: the stride-4 grid is every 4th pixel
@@ -41,6 +41,8 @@ MLCL_TINY = {"anchor_thresh": 0.38, "num_anchors": 3, "num_strong": 5}  # select
 CASES = {
     "unimatch": (UniMatch, {}),
     "supervised": (Supervised, {}),
+    # OHEM with the (min_kept)-th smallest true-class probability above ohem_thresh: that value decides
+    "supervised_ohem": (Supervised, {"criterion": "OHEM", "ohem_thresh": 0.3, "ohem_min_kept": 1000}),
     "UCCL": (UCCL, {"uccl": {"uncertain_thresh": 0.4}}),
     "UCCL_released": (UCCL, {"uccl": UCCL_RELEASED}),
     "MLCL": (MLCL, {"mlcl": MLCL_TINY}),
@@ -51,7 +53,7 @@ CASES = {
 def config(sections: dict) -> dict:
     cfg = {**defaults(), **TINY_MODEL}
     for name, values in sections.items():
-        cfg[name] = {**cfg[name], **values}
+        cfg[name] = {**cfg[name], **values} if isinstance(values, dict) else values
     return cfg
 
 
@@ -59,7 +61,7 @@ def make_method(cls, cfg):
     """The method on a tiny DeepLabV3+ built from seed 0."""
     torch.manual_seed(0)
     model = build_model(cfg)
-    return cls(model, cfg, cross_entropy), model
+    return cls(model, cfg, build_labeled_criterion(cfg)), model
 
 
 def batch(step: int) -> dict:
@@ -220,6 +222,11 @@ PINS = {
         {"x": 1.1194558},
         {"x": 1.107675},
         {"x": 1.1256611},
+    ],
+    "supervised_ohem": [
+        {"x": 1.3018895},
+        {"x": 1.2441156},
+        {"x": 1.2378056},
     ],
     "unimatch": [
         {"x": 0.55481428, "s1": 0.021767711, "s2": 0.020049216, "fp": 0.070627443},
