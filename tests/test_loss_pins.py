@@ -13,6 +13,7 @@ import torch
 from MLCL import MLCL
 from model import build_model
 from supervised import Supervised
+from tests.test_unimatch_step import make_batch
 from UCCL import UCCL
 from unimatch import UniMatch
 from util.config import defaults
@@ -65,25 +66,8 @@ def make_method(cls, cfg):
 
 
 def batch(step: int) -> dict:
-    """A fixed random batch per step: images, labels with an ignored pixel, padded rows, CutMix boxes."""
-    g = torch.Generator().manual_seed(100 + step)
-    img_x = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
-    mask_x = torch.randint(0, NCLASS, (BATCH, SIZE, SIZE), generator=g)
-    mask_x[0, 0, 0] = 255
-
-    def unlabeled():
-        imgs = [torch.randn(BATCH, 3, SIZE, SIZE, generator=g) for _ in range(3)]
-        ignore = torch.zeros(BATCH, SIZE, SIZE, dtype=torch.long)
-        ignore[:, -5:, :] = 255
-        boxes = []
-        for _ in range(2):
-            box = torch.zeros(BATCH, SIZE, SIZE, dtype=torch.long)
-            top, left = torch.randint(0, SIZE // 2, (2,), generator=g).tolist()
-            box[:, top : top + SIZE // 2, left : left + SIZE // 2] = 1
-            boxes.append(box)
-        return (*imgs, ignore, *boxes)
-
-    return {"labeled": (img_x, mask_x), "unlabeled": unlabeled(), "mix": unlabeled()}
+    """A fixed random batch per step: labels with an ignored pixel, 5 padded rows, rectangular boxes."""
+    return make_batch(BATCH, SIZE, SIZE, NCLASS, seed=100 + step, padded_rows=5, rectangles=True)
 
 
 def run_steps(name: str) -> list[dict[str, float]]:

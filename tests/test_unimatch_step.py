@@ -43,18 +43,27 @@ def argmax_conf(logits, b, y, x):
     return best, probs[best] / total
 
 
-def make_batch(B=2, H=4, W=4, K=3, seed=0):
+def make_batch(B=2, H=4, W=4, K=3, seed=0, padded_rows=1, rectangles=False):
+    """A random batch: labels with one ignored pixel, `padded_rows` padded bottom rows, and CutMix boxes
+    that are random pixel sets or, with `rectangles`, one H/2 x W/2 rectangle (the same for every image)."""
     g = torch.Generator().manual_seed(seed)
     img_x = torch.randn(B, 3, H, W, generator=g)
     mask_x = torch.randint(0, K, (B, H, W), generator=g)
     mask_x[0, 0, 0] = 255
 
+    def box():
+        if not rectangles:
+            return torch.randint(0, 2, (B, H, W), generator=g)
+        box = torch.zeros(B, H, W, dtype=torch.long)
+        top, left = torch.randint(0, min(H, W) // 2, (2,), generator=g).tolist()
+        box[:, top : top + H // 2, left : left + W // 2] = 1
+        return box
+
     def unlabeled():
         imgs = [torch.randn(B, 3, H, W, generator=g) for _ in range(3)]
         ignore = torch.zeros(B, H, W, dtype=torch.long)
-        ignore[:, -1, :] = 255  # a padded bottom row
-        boxes = [torch.randint(0, 2, (B, H, W), generator=g) for _ in range(2)]
-        return (*imgs, ignore, *boxes)
+        ignore[:, -padded_rows:, :] = 255
+        return (*imgs, ignore, box(), box())
 
     return {"labeled": (img_x, mask_x), "unlabeled": unlabeled(), "mix": unlabeled()}
 
