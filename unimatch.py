@@ -6,7 +6,7 @@ CutMixed strong views and feature-level perturbation (channel dropout) on the we
         --save-path runs/unimatch_366
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,7 @@ class View(SegmentationOutput):
 
 
 def with_targets(out: SegmentationOutput, **targets) -> View:
+    """The model's maps of a view plus its targets (pseudo_label, confidence, ignore_mask, cutmix_box)."""
     return View(**vars(out), **targets)
 
 
@@ -81,7 +82,7 @@ class Prediction:
     labeled_mask: torch.Tensor
     weak: View
     mix: View
-    strong_views: list[View] = field(default_factory=list)
+    strong_views: list[View]
 
     def weak_cutmixed(self, view: View, name: str, size: tuple[int, int] | None = None) -> torch.Tensor:
         """The weak view of the content of strong view `view`: the map `name` (a SegmentationOutput
