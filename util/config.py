@@ -62,10 +62,14 @@ SCHEMA: dict[str, Any] = {
     "head_channels": _k(int, 256, low=1),
     # --- optimisation ---
     "epochs": _k(int, low=1),
-    "max_iters": _k(int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"),
+    "max_iters": _k(
+        int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"
+    ),
     "batch_size": _k(int, low=1, help="per process, for the labeled and the unlabeled loader each"),
     "lr": _k(float, above=0.0),
-    "lr_multi": _k(float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"),
+    "lr_multi": _k(
+        float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"
+    ),
     "momentum": _k(float, 0.9, low=0, high=1),
     "weight_decay": _k(float, 1e-4, low=0),
     "poly_power": _k(float, 0.9, low=0),
@@ -164,6 +168,11 @@ SCHEMA: dict[str, Any] = {
             "encoder",
             choices=("encoder", "decoder"),
             help="perturb the encoder output and decode (paper) or F and classify (released)",
+        ),
+        "sai_bn_update": _k(
+            bool,
+            False,
+            help="encoder-level SAI: the perturbed features also update the decoder's BN running statistics",
         ),
         "sai_noise": _k(bool, True, help="noise injection (released F-Noise)"),
         "sai_mask": _k(bool, True, help="feature masking (released F-Drop)"),
