@@ -107,7 +107,11 @@ SCHEMA: dict[str, Any] = {
         "sbu_weight": _k(float, 0.015, low=0.0, help="SBU loss weight (each of the two views gets half)"),
         "ckr_weight": _k(float, 0.02, low=0.0, help="CKR loss weight (each of the two views gets half)"),
         "uncertain_thresh": _k(
-            float, 0.95, low=0.0, high=1.0, help="SBU: uncertain = confidence <= this (sbu: paper)"
+            float,
+            0.95,
+            low=0.0,
+            high=1.0,
+            help="SBU: uncertain = weak or strong confidence <= this (sbu: paper)",
         ),
         "sbu": _k(str, "paper", choices=("paper", "released")),
         "ckr": _k(str, "paper", choices=("paper", "released")),
@@ -169,6 +173,11 @@ SCHEMA: dict[str, Any] = {
             "encoder",
             choices=("encoder", "decoder"),
             help="perturb the encoder output and decode (paper) or F and classify (released)",
+        ),
+        "sai_bn_update": _k(
+            bool,
+            False,
+            help="encoder-level SAI: the perturbed features also update the decoder's BN running statistics",
         ),
         "sai_noise": _k(bool, True, help="noise injection (released F-Noise)"),
         "sai_mask": _k(bool, True, help="feature masking (released F-Drop)"),
