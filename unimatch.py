@@ -118,7 +118,8 @@ class UniMatch(Method):
         """The forward passes of one UniMatch step and the pseudo-labels they give.
 
         Three passes: the mix images in eval mode without gradient; the labeled and weak images with the
-        weak view's feature-perturbed copy, as one batch; the two CutMixed strong views, as one batch.
+        weak view's feature-perturbed copy, as one batch (`unimatch.fp_labeled` adds the labeled images'
+        copy, as released); the two CutMixed strong views, as one batch.
         """
         img_x, mask_x = batch["labeled"]
         img_u_w, img_u_s1, img_u_s2, ignore_mask, cutmix_box1, cutmix_box2 = batch["unlabeled"]
@@ -136,8 +137,11 @@ class UniMatch(Method):
         img_u_s1 = cutmix(img_u_s1, img_u_s1_mix, cutmix_box1)
         img_u_s2 = cutmix(img_u_s2, img_u_s2_mix, cutmix_box2)
 
+        # The labeled and weak images in one pass, with a feature-perturbed copy of the weak ones only
+        # (the released code also decodes a perturbed copy of the labeled images, which reaches no loss).
         num_lb, num_ulb = img_x.shape[0], img_u_w.shape[0]
-        out = model(torch.cat((img_x, img_u_w)), features=True, perturb=True)
+        perturb = True if self.cfg["unimatch"]["fp_labeled"] else num_ulb
+        out = model(torch.cat((img_x, img_u_w)), features=True, perturb=perturb)
         out_x, out_w = out.split([num_lb, num_ulb])
         out_s = model(torch.cat((img_u_s1, img_u_s2)), features=True).split([num_ulb, num_ulb])
 

@@ -38,17 +38,20 @@ UCCL_RELEASED = {"sbu": "released", "ckr": "released", "feature": "decoder", "si
 MLCL_RELEASED = {"fka_feature": "decoder", "p2p_weight": 0.0, "proto_pairing": "positional",
                  "anchor_selection": "released", "proto_denominator": "strong", "ema_update": "released",
                  "sai_feature": "decoder", "sai_strength": "released"}  # fmt: skip
+# The released feature-perturbation pass, which also decodes a perturbed copy of the labeled images.
+FP_LABELED = {"fp_labeled": True}
 MLCL_TINY = {"anchor_thresh": 0.38, "num_anchors": 3, "num_strong": 5}  # selections that fit a 9 x 9 grid
 
 CASES = {
     "unimatch": (UniMatch, {}),
+    "unimatch_fp_labeled": (UniMatch, {"unimatch": FP_LABELED}),
     "supervised": (Supervised, {}),
     # OHEM with the (min_kept)-th smallest true-class probability above ohem_thresh: that value decides
     "supervised_ohem": (Supervised, {"criterion": "OHEM", "ohem_thresh": 0.3, "ohem_min_kept": 1000}),
     "UCCL": (UCCL, {"uccl": {"uncertain_thresh": 0.4}}),
-    "UCCL_released": (UCCL, {"uccl": UCCL_RELEASED}),
+    "UCCL_released": (UCCL, {"uccl": UCCL_RELEASED, "unimatch": FP_LABELED}),
     "MLCL": (MLCL, {"mlcl": MLCL_TINY}),
-    "MLCL_released": (MLCL, {"mlcl": {**MLCL_TINY, **MLCL_RELEASED}}),
+    "MLCL_released": (MLCL, {"mlcl": {**MLCL_TINY, **MLCL_RELEASED}, "unimatch": FP_LABELED}),
 }
 
 
@@ -89,37 +92,41 @@ def run_steps(name: str) -> list[dict[str, float]]:
 
 
 # Made by `python tests/test_loss_pins.py` (values to 8 significant digits).
+# Re-pinned when the feature-perturbation pass stopped decoding a perturbed copy of the labeled images
+# (it reaches no loss; its rows changed the decoder's BN batch statistics and the dropout draws), which
+# moves every term of unimatch, UCCL and MLCL. unimatch.fp_labeled=true keeps the old pass: the
+# unimatch_fp_labeled, UCCL_released and MLCL_released pins are the values from before the change.
 PINS = {
     "MLCL": [
         {
-            "x": 0.55481428,
-            "s1": 0.021767711,
-            "s2": 0.020049216,
-            "fp": 0.070627443,
-            "p2p": 0.060222108,
-            "proto": 0.0040995241,
-            "noise": 2.7273441e-09,
-            "mask": 1.7387974e-09,
+            "x": 0.56251621,
+            "s1": 0.025996067,
+            "s2": 0.025565356,
+            "fp": 0.088807851,
+            "p2p": 0.062308449,
+            "proto": 0.0041213483,
+            "noise": 2.618082e-09,
+            "mask": 1.8645283e-09,
         },
         {
-            "x": 0.55254316,
-            "s1": 0.014747,
-            "s2": 0.01293301,
-            "fp": 0.026229348,
-            "p2p": 0.05410964,
-            "proto": 0.0049281265,
-            "noise": 5.4295396e-07,
-            "mask": 4.419997e-07,
+            "x": 0.55296952,
+            "s1": 0.045555741,
+            "s2": 0.036867976,
+            "fp": 0.10490023,
+            "p2p": 0.056082018,
+            "proto": 0.0046424982,
+            "noise": 8.2088991e-07,
+            "mask": 6.7483063e-07,
         },
         {
-            "x": 0.55810905,
-            "s1": 0.0097360229,
-            "s2": 0.017928459,
-            "fp": 0.059424207,
-            "p2p": 0.051304277,
-            "proto": 0.003611549,
-            "noise": 1.8491181e-05,
-            "mask": 1.3399125e-05,
+            "x": 0.55962068,
+            "s1": 0.017582042,
+            "s2": 0.018551521,
+            "fp": 0.053001754,
+            "p2p": 0.050305605,
+            "proto": 0.0036036554,
+            "noise": 1.842354e-05,
+            "mask": 1.1130661e-05,
         },
     ],
     "MLCL_released": [
@@ -153,28 +160,28 @@ PINS = {
     ],
     "UCCL": [
         {
-            "x": 0.55481428,
-            "s1": 0.021767711,
-            "s2": 0.020049216,
-            "fp": 0.070627443,
-            "sbu": 0.016093412,
-            "ckr": 0.0073439032,
+            "x": 0.56251621,
+            "s1": 0.025996067,
+            "s2": 0.025565356,
+            "fp": 0.088807851,
+            "sbu": 0.016811084,
+            "ckr": 0.0072083864,
         },
         {
-            "x": 0.55502146,
-            "s1": 0.033215906,
-            "s2": 0.02763417,
-            "fp": 0.06764783,
-            "sbu": 0.016916215,
-            "ckr": 0.0087633729,
+            "x": 0.55397719,
+            "s1": 0.03125935,
+            "s2": 0.034907479,
+            "fp": 0.086432092,
+            "sbu": 0.01621828,
+            "ckr": 0.008066521,
         },
         {
-            "x": 0.55948627,
-            "s1": 0.010208242,
-            "s2": 0.0096603967,
-            "fp": 0.025488017,
-            "sbu": 0.0170132,
-            "ckr": 0.0058555114,
+            "x": 0.56006533,
+            "s1": 0.010184823,
+            "s2": 0.013973744,
+            "fp": 0.032515865,
+            "sbu": 0.016452121,
+            "ckr": 0.0062743365,
         },
     ],
     "UCCL_released": [
@@ -214,6 +221,11 @@ PINS = {
         {"x": 1.2378056},
     ],
     "unimatch": [
+        {"x": 0.56251621, "s1": 0.025996067, "s2": 0.025565356, "fp": 0.088807851},
+        {"x": 0.55387837, "s1": 0.030990256, "s2": 0.034466453, "fp": 0.086370945},
+        {"x": 0.55995429, "s1": 0.012095205, "s2": 0.015413281, "fp": 0.037780385},
+    ],
+    "unimatch_fp_labeled": [
         {"x": 0.55481428, "s1": 0.021767711, "s2": 0.020049216, "fp": 0.070627443},
         {"x": 0.55503017, "s1": 0.031775892, "s2": 0.026966929, "fp": 0.064852804},
         {"x": 0.55979317, "s1": 0.01003335, "s2": 0.0094769914, "fp": 0.024017969},

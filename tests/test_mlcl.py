@@ -309,7 +309,7 @@ def tiny_method(**mlcl):
     torch.manual_seed(0)
     model = DeepLabV3Plus("resnet18", nclass=3, dilations=(1, 2, 3), width=8, head_channels=16)
     section = {**defaults()["mlcl"], "anchor_thresh": 0.0, "num_anchors": 3, "num_strong": 5, **mlcl}
-    cfg = {"conf_thresh": 0.5, "nclass": 3, "head_channels": 16, "mlcl": section}
+    cfg = {**defaults(), "conf_thresh": 0.5, "nclass": 3, "head_channels": 16, "mlcl": section}
     method = make_method(MLCL, model, cfg, cross_entropy)
     method.iteration = method.total_iters = 10  # end of the ramp: SAI at its full weight
     return method

@@ -11,7 +11,7 @@ from tests.conftest import make_method
 from tests.test_training import TINY, run, weights
 from tests.test_unimatch_step import make_batch
 from UCCL import UCCL
-from util.config import ConfigError, load_config
+from util.config import ConfigError, defaults, load_config
 from util.losses import cross_entropy
 from util.losses.uccl import ckr_loss, sbu_loss
 
@@ -193,6 +193,7 @@ def test_gradient_paths():
 # ---------------------------------------------------------------- the step
 def uccl_cfg(**uccl):
     cfg = {
+        **defaults(),
         "conf_thresh": 0.5,
         "uccl": {
             "sbu_weight": 0.015,

@@ -11,6 +11,7 @@ from torch import nn
 from model.semseg.deeplabv3plus import SegmentationOutput
 from tests.conftest import make_method
 from unimatch import UniMatch, cutmix, sample_to_grid
+from util.config import defaults
 from util.losses import cross_entropy
 
 
@@ -26,7 +27,9 @@ class PointwiseModel(nn.Module):
         logits = self.conv(x)
         if not features:
             return logits
-        return SegmentationOutput(logits, logits, x, x, x, self.conv(x * 0.5) if perturb else None)
+        num_fp = x.shape[0] if perturb is True else int(perturb)  # the last num_fp images
+        logits_fp = self.conv(x[x.shape[0] - num_fp :] * 0.5) if num_fp else None
+        return SegmentationOutput(logits, logits, x, x, x, logits_fp)
 
 
 def log_softmax_at(logits, b, y, x, c):
@@ -76,7 +79,7 @@ def test_unimatch_loss_equals_hand_computation(thresh):
     model = PointwiseModel(K)
     with torch.no_grad():
         model.conv.weight.mul_(4)  # spread the confidences over (0, 1)
-    cfg = {"conf_thresh": thresh}
+    cfg = {**defaults(), "conf_thresh": thresh}
     method = make_method(UniMatch, model, cfg, cross_entropy)
     batch = make_batch(K=K)
     losses, stats = method.step(batch)
@@ -135,7 +138,7 @@ def test_unimatch_loss_equals_hand_computation(thresh):
 def test_unimatch_gradients_skip_pseudo_labels():
     """Pseudo-labels are detached: the loss gradient equals the gradient with constant targets."""
     model = PointwiseModel(3)
-    method = make_method(UniMatch, model, {"conf_thresh": 0.0}, cross_entropy)
+    method = make_method(UniMatch, model, {**defaults(), "conf_thresh": 0.0}, cross_entropy)
     losses, _ = method.step(make_batch())
     sum(losses.values()).backward()
     assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
@@ -161,7 +164,7 @@ def test_predict_views_and_weak_view_of_cutmixed_content():
 
     torch.manual_seed(0)
     model = DeepLabV3Plus("resnet18", nclass=3, dilations=(1, 2, 3), width=8, head_channels=16)
-    method = make_method(UniMatch, model, {"conf_thresh": 0.5}, cross_entropy)
+    method = make_method(UniMatch, model, {**defaults(), "conf_thresh": 0.5}, cross_entropy)
     batch = make_batch(B=2, H=33, W=33, K=3)
     p = method.predict(batch)
     _, _, _, ignore, box1, box2 = batch["unlabeled"]

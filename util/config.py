@@ -102,6 +102,15 @@ SCHEMA: dict[str, Any] = {
         "max_rotation": _k(float, 0.0, help="shapes turn by up to this many degrees"),
         "seed": _k(int, 0),
     },
+    # --- UniMatch's step (unimatch.py; UCCL and MLCL run it too) ---
+    "unimatch": {
+        "fp_labeled": _k(
+            bool,
+            False,
+            help="decode a feature-perturbed copy of the labeled images too, as released: it reaches no "
+            "loss but joins the decoder's BN batch statistics",
+        ),
+    },
     # --- UCCL (UCCL.py); paper by default, docs/DIFFERENCES.md lists the released code's switches ---
     "uccl": {
         "sbu_weight": _k(float, 0.015, low=0.0, help="SBU loss weight (each of the two views gets half)"),

@@ -21,7 +21,8 @@ class SegmentationOutput:
     decoder     (B, C, h, w)    the decoder feature F that the classifier reads, non-negative
     encoder     (B, C, h', w')  the encoder output (ASPP) at the backbone's output stride (16 or 8)
     low_level   (B, C1, h, w)   the backbone's stride-4 feature; `decode(low_level, encoder)` = decoder
-    logits_fp   (B, K, H, W)    the logits of the feature-perturbed copy (forward with perturb=True)
+    logits_fp   (B, K, H, W)    the logits of the feature-perturbed copy (forward with perturb=True);
+                (n, K, H, W), those of the last n images, with perturb=n
     """
 
     logits: torch.Tensor
@@ -38,13 +39,20 @@ class SegmentationOutput:
         return getattr(self, level)
 
     def split(self, sizes: list[int]) -> list["SegmentationOutput"]:
-        """Split every field along the batch dimension (views, no copies), as torch.split does."""
-        parts = {f.name: getattr(self, f.name) for f in fields(self)}
-        parts = {name: t if t is None else t.split(sizes) for name, t in parts.items()}
-        return [
-            type(self)(**{name: t if t is None else t[i] for name, t in parts.items()})
-            for i in range(len(sizes))
-        ]
+        """Split every field along the batch dimension (views, no copies), as torch.split does.
+
+        `logits_fp` may cover only the last images (forward with perturb=n): it is split with the parts
+        those images fall in, and the parts before them get None."""
+        parts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "logits_fp"}
+        parts = {name: t.split(sizes) for name, t in parts.items()}
+        parts["logits_fp"] = [None] * len(sizes)
+        if self.logits_fp is not None:
+            skipped = sum(sizes) - self.logits_fp.shape[0]  # the images before the perturbed ones
+            first = next((i for i in range(len(sizes)) if sum(sizes[:i]) == skipped), None)
+            if first is None:
+                raise ValueError(f"logits_fp's last {self.logits_fp.shape[0]} rows do not fall on {sizes}")
+            parts["logits_fp"][first:] = self.logits_fp.split(sizes[first:])
+        return [type(self)(**{name: t[i] for name, t in parts.items()}) for i in range(len(sizes))]
 
 
 @contextmanager
@@ -167,16 +175,22 @@ class DeepLabV3Plus(nn.Module):
         and a channel-dropped copy of its backbone features go through the head as one batch (2B rows,
         so BN batch statistics cover both; UniMatch's feature perturbation), every field describes the
         clean half, and `logits_fp` holds the perturbed half's logits. Dropout is on also in eval mode.
+        perturb=n (an int) perturbs only the last n images of x (B + n rows through the head), and
+        `logits_fp` has n rows: UniMatch perturbs its unlabeled images, not the labeled ones it
+        forwards with them.
 
         One entry point, so that a DistributedDataParallel wrapper sees every call that has a gradient.
         """
-        if perturb and not features:
+        if perturb is not False and not features:
             raise ValueError("perturb=True needs features=True: logits_fp is a field of SegmentationOutput")
+        num_fp = x.shape[0] if perturb is True else int(perturb)
+        if not 0 <= num_fp <= x.shape[0]:
+            raise ValueError(f"perturb={perturb}: cannot perturb the last {num_fp} of {x.shape[0]} images")
         h, w = x.shape[-2:]
         c1, _, _, c4 = self.backbone.base_forward(x)
-        if perturb:
-            c1 = torch.cat([c1, F.dropout2d(c1, p=0.5, training=True)])
-            c4 = torch.cat([c4, F.dropout2d(c4, p=0.5, training=True)])
+        if num_fp:
+            c1 = torch.cat([c1, F.dropout2d(c1[-num_fp:], p=0.5, training=True)])
+            c4 = torch.cat([c4, F.dropout2d(c4[-num_fp:], p=0.5, training=True)])
 
         encoder = self.aspp(c4)
         decoder = self.decode(c1, encoder)
@@ -186,8 +200,8 @@ class DeepLabV3Plus(nn.Module):
             return logits
 
         out = SegmentationOutput(logits, logits_low, decoder, encoder, c1)
-        if perturb:
-            out, perturbed = out.split([x.shape[0], x.shape[0]])
+        if num_fp:
+            out, perturbed = out.split([x.shape[0], num_fp])
             out.logits_fp = perturbed.logits
         return out
 
