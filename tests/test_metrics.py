@@ -13,6 +13,7 @@ from util.metrics import (
     intersection_and_union,
     miou_from,
     predict,
+    window_starts,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +134,47 @@ def test_sliding_window_equals_sum_over_windows():
     assert probs.shape == (2, 4, 10, 7) and probs.dtype == torch.float32
     assert torch.allclose(probs, expected, atol=1e-6)
     assert not torch.allclose(probs.argmax(1), whole.argmax(1))  # the model really is window-aware
+
+
+def one_window_per_forward(model, img, nclass, crop_size, flip, scales):
+    """The inference before batching: every window (and its flip) in a forward of its own."""
+    h, w = img.shape[-2:]
+    total = torch.zeros(img.shape[0], nclass, h, w)
+    for scale in scales:
+        size = (max(round(h * scale), 1), max(round(w * scale), 1))
+        image = img if scale == 1.0 else F.interpolate(img, size, mode="bilinear", align_corners=True)
+        probs = torch.zeros(img.shape[0], nclass, *size)
+        for top in window_starts(size[0], crop_size):
+            for left in window_starts(size[1], crop_size):
+                window = image[:, :, top : top + crop_size, left : left + crop_size]
+                window_probs = model(window).softmax(1)
+                if flip:
+                    window_probs += model(window.flip(3)).softmax(1).flip(3)
+                probs[:, :, top : top + crop_size, left : left + crop_size] += window_probs
+        total += probs if scale == 1.0 else F.interpolate(probs, (h, w), mode="bilinear", align_corners=True)
+    return total
+
+
+def test_batched_windows_equal_one_window_per_forward():
+    from tests.test_model import randomize_bn, small_model
+
+    torch.manual_seed(0)
+    model = small_model(nclass=4, head_channels=16, dilations=(1, 2, 3))
+    randomize_bn(model)
+    model.eval()
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    img = torch.randn(1, 3, 45, 61)
+    scales = (0.75, 1.0, 1.25)
+    with torch.no_grad():
+        expected = one_window_per_forward(model, img, 4, 32, True, scales)
+        calls.clear()
+        probs = predict(model, img, 4, "sliding_window", crop_size=32, flip=True, scales=scales, max_batch=8)
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-5)
+    # 6 + 9 + 12 windows (scales 0.75, 1, 1.25: 34 x 46, 45 x 61, 56 x 76) and their flips, of 14 sizes;
+    # windows of one size share forwards of up to 8 images: the 9 full 32 x 32 windows of all scales and
+    # their flips in 8 + 8 + 2, every other size in one forward: 16 forwards instead of 54
+    assert sum(calls) == 2 * (6 + 9 + 12) and len(calls) == 16 and calls.count(8) == 2
 
 
 def test_sliding_window_covers_every_pixel():

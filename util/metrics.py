@@ -8,6 +8,7 @@ Conventions follow UniMatch so that numbers are comparable with the paper:
 """
 
 import contextlib
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -66,14 +67,6 @@ def center_crop(img, mask, size):
     return img, mask
 
 
-def _forward_probs(model, x, flip):
-    """Softmax of model(x) (B,K,h,w) in float32; with flip, plus the un-flipped softmax of model(flip(x))."""
-    probs = model(x).float().softmax(dim=1)
-    if flip:
-        probs = probs + model(x.flip(3)).float().softmax(dim=1).flip(3)
-    return probs
-
-
 def window_starts(length, crop_size):
     """Start offsets of sliding windows along one axis: 0, stride, 2*stride, ... while start < length."""
     stride = int(crop_size * 2 / 3)
@@ -82,31 +75,38 @@ def window_starts(length, crop_size):
     return list(range(0, length, stride))
 
 
-def _sliding_window_probs(model, img, nclass, crop_size, flip):
-    """Sum of window softmaxes (B,K,H,W); window [start, min(start + crop, size)) along each axis.
+def regions(h, w, mode, crop_size):
+    """The (top, bottom, left, right) regions of an h x w image that the forward passes see.
 
-    As in UniMatch, windows touching the bottom/right border are simply cut there (they can be smaller
-    than the crop, no padding, not shifted back), so overlapping pixels are covered by 1, 2 or 4 windows.
+    'sliding_window': windows [start, min(start + crop, size)) along each axis. As in UniMatch, windows
+    touching the bottom/right border are simply cut there (they can be smaller than the crop, no padding,
+    not shifted back), so overlapping pixels are covered by 1, 2 or 4 windows. Other modes: the whole
+    image ('center_crop' is cropped by the caller, see center_crop).
     """
-    b, _, h, w = img.shape
-    probs = torch.zeros((b, nclass, h, w), dtype=torch.float32, device=img.device)
-    for top in window_starts(h, crop_size):
-        bottom = min(top + crop_size, h)
-        for left in window_starts(w, crop_size):
-            right = min(left + crop_size, w)
-            window = img[:, :, top:bottom, left:right]
-            probs[:, :, top:bottom, left:right] += _forward_probs(model, window, flip)
-    return probs
+    if mode != "sliding_window":
+        return [(0, h, 0, w)]
+    return [
+        (top, min(top + crop_size, h), left, min(left + crop_size, w))
+        for top in window_starts(h, crop_size)
+        for left in window_starts(w, crop_size)
+    ]
 
 
-def _single_scale_probs(model, img, nclass, mode, crop_size, flip):
-    if mode == "sliding_window":
-        return _sliding_window_probs(model, img, nclass, crop_size, flip)
-    # 'original', and 'center_crop' whose cropping the caller has already done (see center_crop).
-    return _forward_probs(model, img, flip)
+def batched_softmax(model, inputs, flip, max_batch):
+    """Softmax (float32) of the model on each input (B, 3, h, w) of one size, plus the flipped-back
+    softmax of its horizontal flip with `flip`; the inputs (and their flips) go through the model
+    together, at most `max_batch` images per forward. Returns one (B, K, h, w) map per input."""
+    x = torch.cat(inputs)
+    if flip:
+        x = torch.cat([x, x.flip(3)])
+    probs = torch.cat([model(chunk).float().softmax(dim=1) for chunk in x.split(max_batch)])
+    if flip:
+        probs, flipped = probs.chunk(2)
+        probs = probs + flipped.flip(3)
+    return probs.split(inputs[0].shape[0])
 
 
-def predict(model, img, nclass, mode="original", crop_size=None, flip=False, scales=(1.0,)):
+def predict(model, img, nclass, mode="original", crop_size=None, flip=False, scales=(1.0,), max_batch=8):
     """Summed softmax probabilities (B,K,H,W) float32 for a normalized image batch img (B,3,H,W).
 
     mode: 'original' (one forward on the whole image), 'center_crop' (same as 'original': crop img and
@@ -114,6 +114,8 @@ def predict(model, img, nclass, mode="original", crop_size=None, flip=False, sca
     flip: also add the flipped-back softmax of the horizontally flipped input (per forward / window).
     scales: for each s != 1 the image is resized by s (bilinear, align_corners=True), run in `mode` at
     that size, and its probabilities are resized back to (H, W). Everything is summed; take argmax(1).
+    Windows (and flips) of the same size, over all scales, are batched: at most `max_batch` images per
+    forward, in eval mode the same result as one forward per window.
     """
     if mode not in MODES:
         raise ValueError(f"unknown eval mode {mode!r}, expected one of {MODES}")
@@ -121,16 +123,29 @@ def predict(model, img, nclass, mode="original", crop_size=None, flip=False, sca
         raise ValueError("sliding_window inference needs crop_size")
 
     b, _, h, w = img.shape
-    total = torch.zeros((b, nclass, h, w), dtype=torch.float32, device=img.device)
-    for scale in scales:
-        if scale == 1.0:
-            total += _single_scale_probs(model, img, nclass, mode, crop_size, flip)
-            continue
-        size = (max(round(h * scale), 1), max(round(w * scale), 1))
-        scaled = F.interpolate(img, size=size, mode="bilinear", align_corners=True)
-        probs = _single_scale_probs(model, scaled, nclass, mode, crop_size, flip)
-        total += F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=True)
+    sizes = [(max(round(h * scale), 1), max(round(w * scale), 1)) for scale in scales]
+    scaled = [img if scale == 1.0 else resize(img, size) for scale, size in zip(scales, sizes)]
+    # Every forward input over all scales, grouped by size: one batched forward per size.
+    by_size = defaultdict(list)  # (height, width) -> [(scale index, (top, bottom, left, right))]
+    for i, image in enumerate(scaled):
+        for top, bottom, left, right in regions(*image.shape[-2:], mode, crop_size):
+            by_size[bottom - top, right - left].append((i, (top, bottom, left, right)))
+    sums = [img.new_zeros((b, nclass, *size), dtype=torch.float32) for size in sizes]
+    for pieces in by_size.values():
+        crops = [scaled[i][..., top:bottom, left:right] for i, (top, bottom, left, right) in pieces]
+        probs = batched_softmax(model, crops, flip, max_batch)
+        for (i, (top, bottom, left, right)), window_probs in zip(pieces, probs):
+            sums[i][..., top:bottom, left:right] += window_probs
+
+    total = img.new_zeros((b, nclass, h, w), dtype=torch.float32)
+    for scale, probs in zip(scales, sums):
+        total += probs if scale == 1.0 else resize(probs, (h, w))
     return total
+
+
+def resize(x, size):
+    """Bilinear, align_corners=True: the convention of every resize in the model."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 # ----------------------------------------------------------------------------------------------
