@@ -24,7 +24,7 @@ from model import build_model
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup, init_distributed
-from util.engine import AMP_DTYPES, EXIT_BAD_INPUT, prepare_demo_data
+from util.engine import EXIT_BAD_INPUT, amp_dtype, prepare_demo_data
 from util.metrics import ShardSampler, evaluate, format_iou_table
 from util.visualise import side_by_side
 
@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
         if dist_info.is_main:
             prepare_demo_data(cfg)
         state = ckpt.load(args.checkpoint)
-        model = build_model({**cfg, "pretrained": None}).to(dist_info.device)
+        memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        model = build_model({**cfg, "pretrained": None}).to(dist_info.device, memory_format=memory_format)
         ckpt.load_model_weights(model, ckpt.model_state(state), args.checkpoint)
         classes = dataset_classes(cfg)
         val = SemiDataset(
@@ -89,11 +90,11 @@ def main(argv=None) -> dict:
     on_prediction = None
     if args.save_vis:
         on_prediction = VisualisationWriter(args.save_vis, classes.palette)
-    amp_dtype = AMP_DTYPES[cfg["amp"]]
     flip = args.flip or cfg["eval_flip"]
+    autocast = amp_dtype(cfg["amp"], dist_info.device)
     result = evaluate(
         model, loader, cfg["nclass"], mode=mode, crop_size=cfg["crop_size"], flip=flip, scales=scales,
-        device=dist_info.device, amp_dtype=amp_dtype, on_prediction=on_prediction,
+        device=dist_info.device, amp_dtype=autocast, on_prediction=on_prediction,
     )  # fmt: skip
     if dist_info.is_main:
         where = f" (iteration {state['iteration']})" if "iteration" in state else ""

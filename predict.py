@@ -31,7 +31,7 @@ from dataset.transforms import normalize
 from model import build_model
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
-from util.engine import AMP_DTYPES
+from util.engine import amp_dtype as autocast_dtype
 from util.metrics import predict
 
 
@@ -89,7 +89,8 @@ def load_model(args, device):
         raise ConfigError(f"the config of {args.checkpoint} lacks {', '.join(missing)}")
     model = build_model({**cfg, "pretrained": None})
     ckpt.load_model_weights(model, ckpt.model_state(state), args.checkpoint)
-    return model.to(device).eval(), cfg
+    memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+    return model.to(device, memory_format=memory_format).eval(), cfg
 
 
 def save_prediction(image: Image.Image, pred: np.ndarray, colours: np.ndarray, stem: str, alpha: float):
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
     scales = tuple(args.scales or cfg.get("eval_scales", [1.0]))
     flip = args.flip or cfg.get("eval_flip", False)
     # autocast as in training on a GPU; on a CPU it would only be slower
-    amp_dtype = AMP_DTYPES.get(cfg.get("amp", "none")) if device.type == "cuda" else None
+    amp_dtype = autocast_dtype(cfg.get("amp", "none"), device) if device.type == "cuda" else None
     print(f"{args.checkpoint}: {len(files)} file(s), mode {mode}, flip {flip}, scales {list(scales)}")
 
     done, taken = 0, set()

@@ -29,7 +29,7 @@ def write(tmp_path, text):
 def test_config_defaults_and_overrides(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL), ["lr=0.5", "demo.size=48", "dilations=[1,2,3]"])
     assert cfg["lr"] == 0.5 and cfg["demo"]["size"] == 48 and cfg["dilations"] == [1, 2, 3]
-    assert cfg["conf_thresh"] == 0.95 and cfg["amp"] == "none"  # defaults filled in
+    assert cfg["conf_thresh"] == 0.95 and cfg["amp"] == "auto"  # defaults filled in
     assert isinstance(load_config(write(tmp_path, MINIMAL.replace("0.01", "1")))["lr"], float)
 
 

@@ -79,7 +79,16 @@ SCHEMA: dict[str, Any] = {
     "ohem_min_kept": _k(int, 200000, low=0),
     "conf_thresh": _k(float, 0.95, low=0, high=1),
     # --- runtime ---
-    "amp": _k(str, "none", choices=("none", "bf16", "fp16")),
+    "amp": _k(
+        str,
+        "auto",
+        choices=("auto", "none", "bf16", "fp16"),
+        help="autocast; auto: bf16 on GPUs that have it, fp16 with a GradScaler on older GPUs, none on a CPU",
+    ),
+    "channels_last": _k(
+        bool, True, help="channels-last memory format for the networks (faster convolutions)"
+    ),
+    "compile": _k(bool, False, help="torch.compile the networks: the first steps compile (minutes)"),
     "seed": _k(int, 0),
     "deterministic": _k(bool, False, help="deterministic kernels (slower); bit-exact resume on the CPU"),
     "num_workers": _k(int, 2, low=0),

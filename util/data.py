@@ -105,7 +105,8 @@ def train_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory,  # page-locked batches: the copy to the GPU runs asynchronously
+        persistent_workers=num_workers > 0,  # workers live across epochs: no restart at each epoch
         drop_last=True,
         # Its own generator: creating an iterator draws a worker seed, which must not move the global
         # RNG (that would shift dropout masks after a resume). Samples are re-seeded anyway.
@@ -160,6 +161,7 @@ class TrainingData:
             sampler=ShardSampler(val),
             num_workers=min(workers, 2),
             pin_memory=pin_memory,
+            persistent_workers=workers > 0,  # no restart at each evaluation
             generator=torch.Generator(),  # keeps the global RNG where training left it
         )
 

@@ -24,7 +24,7 @@ from util.engine.run import (
     parse_args,
     run,
 )
-from util.engine.trainer import AMP_DTYPES, Trainer, poly_lr, prepare_demo_data
+from util.engine.trainer import AMP_DTYPES, Trainer, amp_dtype, poly_lr, prepare_demo_data
 
 __all__ = [
     "AMP_DTYPES",
@@ -35,6 +35,7 @@ __all__ = [
     "Networks",
     "NonFiniteError",
     "Trainer",
+    "amp_dtype",
     "build_trainer",
     "main",
     "parse_args",

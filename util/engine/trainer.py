@@ -26,6 +26,26 @@ logger = logging.getLogger("semiseg")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of config key `amp`; 'auto' is bf16 on a GPU that has it, fp16 (with a
+    GradScaler) on an older GPU, and float32 (no autocast) on a CPU."""
+    if amp != "auto":
+        return AMP_DTYPES[amp]
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_optimizer(groups: list[dict], cfg: dict) -> torch.optim.SGD:
+    """SGD over the parameter groups; the fused kernel (one pass over each tensor's parameters, gradient
+    and momentum) where the parameters' device has one, the per-tensor loop elsewhere. Same update."""
+    kwargs = dict(lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    try:
+        return torch.optim.SGD(groups, fused=True, **kwargs)
+    except RuntimeError:  # no fused SGD for this device
+        return torch.optim.SGD(groups, **kwargs)
+
+
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float) -> float:
     """UniMatch's poly schedule: it updates the lr after each optimizer step, so step 0 uses the base lr
     and step t >= 1 uses base * (1 - (t - 1) / total) ** power."""
@@ -102,11 +122,9 @@ class Trainer:
             for name, net in self.networks.trained.items()
             for group in self.method.param_groups(name, net)
         ]
-        self.optimizer = torch.optim.SGD(
-            groups, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
-        )
-        self.amp_dtype = AMP_DTYPES[cfg["amp"]]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
+        self.optimizer = build_optimizer(groups, cfg)
+        self.amp_dtype = amp_dtype(cfg["amp"], self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.data = TrainingData(cfg, method_cls.uses_unlabeled, pin_memory=self.device.type == "cuda")
         self.iters_per_epoch = self.data.iters_per_epoch
@@ -148,10 +166,12 @@ class Trainer:
         for the frozen ones. The method sees the wrapped modules as attributes."""
         nets = self.networks
         sync_bn = self.dist.distributed and self.device.type == "cuda"
+        memory_format = torch.channels_last if self.cfg["channels_last"] else torch.contiguous_format
         for group in (nets.trained, nets.frozen):
             for name, net in group.items():
                 # SyncBN needs CUDA; it makes per-GPU batches of 2-4 behave like the global batch.
-                net = net.to(self.device)
+                # Channels-last weights make every convolution (and what follows it) run channels-last.
+                net = net.to(self.device, memory_format=memory_format)
                 group[name] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
         for net in nets.frozen.values():
             net.requires_grad_(False)
@@ -160,6 +180,8 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             for name, net in nets.trained.items():
                 wrapped[name] = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+        if self.cfg["compile"]:  # the method's calls run compiled; weights are still read from `nets`
+            wrapped = {name: torch.compile(net) for name, net in wrapped.items()}
         self.trained_wrapped = [wrapped[name] for name in nets.trained]
         self.method.attach(wrapped, nets.all)
 
