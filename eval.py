@@ -21,6 +21,7 @@ from PIL import Image
 from dataset.classes import dataset_classes
 from dataset.semi import SemiDataset
 from model import build_model
+from model.semseg.deeplabv3plus import use_channels_last
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup, init_distributed
@@ -71,8 +72,9 @@ def main(argv=None) -> dict:
         if dist_info.is_main:
             prepare_demo_data(cfg)
         state = ckpt.load(args.checkpoint)
-        memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-        model = build_model({**cfg, "pretrained": None}).to(dist_info.device, memory_format=memory_format)
+        model = build_model({**cfg, "pretrained": None}).to(dist_info.device)
+        if cfg["channels_last"]:
+            use_channels_last(model, dist_info.device)
         ckpt.load_model_weights(model, ckpt.model_state(state), args.checkpoint)
         classes = dataset_classes(cfg)
         val = SemiDataset(

@@ -29,6 +29,7 @@ from dataset.classes import dataset_classes
 from dataset.semi import DataError, load_image
 from dataset.transforms import normalize
 from model import build_model
+from model.semseg.deeplabv3plus import use_channels_last
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.engine import amp_dtype as autocast_dtype
@@ -89,8 +90,10 @@ def load_model(args, device):
         raise ConfigError(f"the config of {args.checkpoint} lacks {', '.join(missing)}")
     model = build_model({**cfg, "pretrained": None})
     ckpt.load_model_weights(model, ckpt.model_state(state), args.checkpoint)
-    memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
-    return model.to(device, memory_format=memory_format).eval(), cfg
+    model = model.to(device).eval()
+    if cfg.get("channels_last"):
+        use_channels_last(model, device)
+    return model, cfg
 
 
 def save_prediction(image: Image.Image, pred: np.ndarray, colours: np.ndarray, stem: str, alpha: float):

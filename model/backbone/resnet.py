@@ -127,6 +127,8 @@ class ResNet(nn.Module):
 
         # channels of c1 (decoder skip connection) and c4 (ASPP input)
         self.channels = (width * block.expansion, width * 8 * block.expansion)
+        # memory format layer3 and layer4 run in (see model.semseg.deeplabv3plus.use_channels_last)
+        self.deep_memory_format = torch.contiguous_format
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -161,7 +163,7 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
-        c3 = self.layer3(c2)
+        c3 = self.layer3(c2.contiguous(memory_format=self.deep_memory_format))
         c4 = self.layer4(c3)
         return c1, c2, c3, c4
 

@@ -10,6 +10,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dataset.classes import class_names
+from model.semseg.deeplabv3plus import use_channels_last
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths
 from util.data import TrainingData
@@ -166,12 +167,12 @@ class Trainer:
         for the frozen ones. The method sees the wrapped modules as attributes."""
         nets = self.networks
         sync_bn = self.dist.distributed and self.device.type == "cuda"
-        memory_format = torch.channels_last if self.cfg["channels_last"] else torch.contiguous_format
         for group in (nets.trained, nets.frozen):
             for name, net in group.items():
+                net = net.to(self.device)
+                if self.cfg["channels_last"]:
+                    use_channels_last(net, self.device)
                 # SyncBN needs CUDA; it makes per-GPU batches of 2-4 behave like the global batch.
-                # Channels-last weights make every convolution (and what follows it) run channels-last.
-                net = net.to(self.device, memory_format=memory_format)
                 group[name] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
         for net in nets.frozen.values():
             net.requires_grad_(False)
