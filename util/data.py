@@ -114,6 +114,20 @@ def train_loader(
     return loader, sampler
 
 
+def validation_loader(cfg: dict, pin_memory: bool) -> DataLoader:
+    """The validation images one at a time, each rank its own share (ShardSampler)."""
+    common = dict(nclass=cfg["nclass"], allow_outside_root=cfg["allow_outside_data_root"])
+    val = SemiDataset(cfg["data_root"], "val", cfg["val_id_path"], **common)
+    return DataLoader(
+        val,
+        batch_size=1,
+        sampler=ShardSampler(val),
+        num_workers=min(cfg["num_workers"], 2),
+        pin_memory=pin_memory,
+        generator=torch.Generator(),  # keeps the global RNG where training left it
+    )
+
+
 def count_lines(path: str) -> int:
     with open(path) as f:
         return sum(1 for line in f if line.strip())
@@ -126,7 +140,9 @@ class TrainingData:
     `start_batch` on, the same batches an uninterrupted run sees there.
     """
 
-    def __init__(self, cfg: dict, uses_unlabeled: bool, pin_memory: bool):
+    def __init__(self, cfg: dict, uses_unlabeled: bool, pin_memory: bool, wrap_unlabeled=None):
+        """`wrap_unlabeled(dataset) -> dataset`, when given, wraps the unlabeled stream's dataset (not the mix
+        stream's), e.g. to add items to each sample."""
         root, crop, bs, workers, seed = (
             cfg["data_root"], cfg["crop_size"], cfg["batch_size"], cfg["num_workers"], cfg["seed"],
         )  # fmt: skip
@@ -145,23 +161,16 @@ class TrainingData:
             # (UniMatch as released), or through another order ('other_image').
             mix_order = seed if cfg["mix_partner"] == "same_image" else _mix(seed, "mix-order")
             loader_u, sampler_u = train_loader(
-                unlabeled, bs, seed, _mix(seed, "unlabeled"), workers, pin_memory
-            )
+                wrap_unlabeled(unlabeled) if wrap_unlabeled else unlabeled,
+                bs, seed, _mix(seed, "unlabeled"), workers, pin_memory,
+            )  # fmt: skip
             loader_m, sampler_m = train_loader(
                 unlabeled, bs, mix_order, _mix(seed, "mix"), workers, pin_memory
             )
             self.loaders += [loader_u, loader_m]
             self.samplers += [sampler_u, sampler_m]
         self.iters_per_epoch = min(s.batches_per_epoch for s in self.samplers)
-        val = SemiDataset(root, "val", cfg["val_id_path"], **common)
-        self.val_loader = DataLoader(
-            val,
-            batch_size=1,
-            sampler=ShardSampler(val),
-            num_workers=min(workers, 2),
-            pin_memory=pin_memory,
-            generator=torch.Generator(),  # keeps the global RNG where training left it
-        )
+        self.val_loader = validation_loader(cfg, pin_memory)
 
     def batches(self, epoch: int, start_batch: int = 0):
         for sampler in self.samplers:

@@ -12,7 +12,6 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset.classes import class_names
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths
-from util.data import TrainingData
 from util.dist import barrier, broadcast_object, init_distributed, is_dist
 from util.engine.guard import NonFiniteError, NonFiniteGuard
 from util.engine.method import Method
@@ -108,7 +107,7 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg["amp"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
 
-        self.data = TrainingData(cfg, method_cls.uses_unlabeled, pin_memory=self.device.type == "cuda")
+        self.data = self.method.training_data(pin_memory=self.device.type == "cuda", save_path=save_path)
         self.iters_per_epoch = self.data.iters_per_epoch
         self.total_iters = cfg["max_iters"] or cfg["epochs"] * self.iters_per_epoch
         self.method.total_iters = self.total_iters
