@@ -98,10 +98,18 @@ def rectified_cross_entropy(
     return total / count
 
 
+def class_maps(label: torch.Tensor, nclass: int) -> torch.Tensor:
+    """(B, K, H, W) float one-hot maps of a label map (B, H, W); IGNORE belongs to no class."""
+    classes = torch.arange(nclass, device=label.device).view(1, nclass, 1, 1)
+    return (label.unsqueeze(1) == classes).float()
+
+
 def class_areas(label: torch.Tensor, nclass: int) -> torch.Tensor:
     """(B, K): the fraction of each image's pixels (padding included) that carry each class."""
-    one_hot = F.one_hot(label.long().clamp(max=nclass), nclass + 1)[..., :nclass]  # 255 -> the dropped column
-    return one_hot.flatten(1, -2).float().mean(dim=1)
+    index = label.long().flatten(1).clamp(max=nclass)  # IGNORE counts in the extra column, then dropped
+    counts = torch.zeros(label.shape[0], nclass + 1, device=label.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+    return counts[:, :nclass] / index.shape[1]
 
 
 def choose_shared_classes(
@@ -137,8 +145,7 @@ def class_prototypes(feature: torch.Tensor, label: torch.Tensor, nclass: int) ->
     """(K, C): for each class, the sum over images of the image's masked average of the upsampled feature
     over that class (a zero vector for an image without it). Only directions matter to the cosines, so a
     sum serves as the mean; summing over processes gives the global one."""
-    one_hot = F.one_hot(label.long().clamp(max=nclass), nclass + 1)[..., :nclass]  # (B, H, W, K)
-    one_hot = one_hot.permute(0, 3, 1, 2).float()  # (B, K, H, W)
+    one_hot = class_maps(label, nclass)  # (B, K, H, W)
     weights = pull_back(one_hot, feature.shape[-2:])  # (B, K, h, w)
     total = torch.einsum("bchw,bkhw->bkc", feature.float(), weights)
     area = one_hot.sum(dim=(-2, -1)).unsqueeze(-1)
@@ -152,7 +159,7 @@ def class_scores(feature: torch.Tensor, prototypes: torch.Tensor, label: torch.T
     nclass = prototypes.shape[0]
     cos = cosine_to_prototypes(feature, prototypes.expand(feature.shape[0], -1, -1))
     cos = upsample(cos, label.shape[-2:]).clamp(0, 1)  # (B, K, H, W)
-    target = F.one_hot(label.long().clamp(max=nclass), nclass + 1)[..., :nclass].permute(0, 3, 1, 2)
+    target = class_maps(label, nclass)
     valid = (label != IGNORE).unsqueeze(1).float()
     bce = binary_cross_entropy(cos, target) * valid
     return bce.sum(dim=(-2, -1)) / valid.sum(dim=(-2, -1)).clamp(min=1)
