@@ -216,6 +216,14 @@ class OnlineCISCR(UniMatch):
     unlabeled image; the shared class is drawn at the step among the classes covering >= min_class_area of
     both the weak pseudo-label and the partner crop. Regions pasted from the mix image keep weight 1."""
 
+    def __init__(self, cfg: dict, criterion_l, device: torch.device):
+        if cfg["ciscr"]["mode"] != "online":
+            raise ConfigError(
+                "OnlineCISCR is the variant of ciscr.mode=online; the staged method runs from CISCR.py's "
+                "command line (give ciscr.mode=online to benchmark or train the online variant)"
+            )
+        super().__init__(cfg, criterion_l, device)
+
     def networks(self) -> Networks:
         model = build_model(self.cfg)
         teacher = ema_teacher(model, self.cfg["ciscr"]["ema_decay"])
@@ -280,8 +288,10 @@ class OnlineCISCR(UniMatch):
 
 # ------------------------------------------------------------------------------------------- stages 2, 3, 5
 def label_file(folder: str, image: str) -> str:
-    """Where the pseudo-label of `image` (a path relative to the data root) goes: same relative path, .png."""
-    return os.path.join(folder, os.path.splitext(image)[0] + ".png")
+    """Where the pseudo-label of `image` (its path in the split file) goes: the same path inside `folder`,
+    with '.png' (an absolute path or '..' cannot lead outside `folder`)."""
+    parts = [p for p in os.path.normpath(image).split(os.sep) if p not in ("", ".", "..")]
+    return os.path.join(folder, os.path.splitext(os.path.join(*parts))[0] + ".png")
 
 
 def write_label(path: str, label: np.ndarray, colours: np.ndarray) -> None:
@@ -292,9 +302,14 @@ def write_label(path: str, label: np.ndarray, colours: np.ndarray) -> None:
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
-def shard_loader(dataset, rank: int, world_size: int) -> DataLoader:
-    """This rank's share of `dataset` (every world_size-th item), one item at a time."""
-    return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=1)
+def shard_loader(dataset, positions, workers: int) -> DataLoader:
+    """The items of `dataset` at `positions`, one at a time, in order."""
+    return DataLoader(
+        Subset(dataset, list(positions)),
+        batch_size=1,
+        num_workers=min(workers, 2),
+        generator=torch.Generator(),
+    )
 
 
 def all_gather(rows: list) -> list:
@@ -409,8 +424,7 @@ class StagedPipeline:
         )
         dataset = FullImages(cfg["data_root"], [(image, None) for image in images], cfg["nclass"])
         colours, amp = palette(cfg["dataset"], cfg["nclass"]), AMP_DTYPES[cfg["amp"]]
-        loader = DataLoader(Subset(dataset, todo), batch_size=1, num_workers=min(cfg["num_workers"], 2))
-        for n, (image, _, index) in enumerate(loader):
+        for n, (image, _, index) in enumerate(shard_loader(dataset, todo, cfg["num_workers"])):
             with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
                 probs = predict(model, image.to(self.device), cfg["nclass"], scales=c["tta_scales"],
                                 flip=c["tta_flip"])  # fmt: skip
@@ -429,7 +443,12 @@ class StagedPipeline:
         the images that match the prototypes best; the unlabeled images ranked by how well their stage-2
         pseudo-labels match them, the best ciscr.reliable_fraction reliable. Written to selection/."""
         cfg, c, nclass = self.cfg, self.cfg["ciscr"], self.cfg["nclass"]
-        rank, world = self.dist.rank, self.dist.world_size
+
+        def share(dataset):  # this rank's items: every world_size-th
+            return shard_loader(
+                dataset, range(self.dist.rank, len(dataset), self.dist.world_size), cfg["num_workers"]
+            )
+
         model = load_teacher(cfg, self.teacher_path(teacher_stage)).to(self.device)
         classes = labeled_classes(cfg, self.root)
 
@@ -439,13 +458,13 @@ class StagedPipeline:
 
         labeled = FullImages(cfg["data_root"], classes.images, nclass)
         prototypes = torch.zeros(nclass, cfg["head_channels"], device=self.device)
-        for feature, label, _ in features(shard_loader(labeled, rank, world)):
+        for feature, label, _ in features(share(labeled)):
             prototypes += class_prototypes(feature, label, nclass)
         all_reduce_sum(prototypes)
 
         rows = [
             (index, class_scores(feature, prototypes, label)[0].tolist())
-            for feature, label, index in features(shard_loader(labeled, rank, world))
+            for feature, label, index in features(share(labeled))
         ]
         labeled_scores = dict(all_gather(rows))
         keep = c["query_keep_fraction"]
@@ -456,7 +475,7 @@ class StagedPipeline:
 
         pseudo = FullImages(cfg["data_root"], self.labeled_by("stage2", images), nclass)
         rows = []
-        for feature, label, index in features(shard_loader(pseudo, rank, world)):
+        for feature, label, index in features(share(pseudo)):
             rows.append((index, float(reliability(class_scores(feature, prototypes, label), label)[0])))
         score = dict(all_gather(rows))
         order = sorted(range(len(images)), key=lambda i: (score[i], i))

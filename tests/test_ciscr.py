@@ -15,8 +15,11 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from CISCR import CrossImageSupervised, RectifiedSelfTraining
 from dataset.query import LabeledClasses, PartnerQuery, covering
 from dataset.semi import read_split
+from model import build_model
+from tests.conftest import make_method
 from tests.test_training import TINY, run, weights
 from util.config import ConfigError, defaults, load_config
 from util.losses import cross_entropy
@@ -200,6 +203,62 @@ def test_shared_class_choice_and_regions_match_loop(exclude_background, count):
     for b in range(B):
         keep = chosen[b].nonzero().flatten().tolist()
         assert torch.equal(region[b], torch.isin(label_q[b], torch.tensor(keep, dtype=torch.long)))
+
+
+def tiny_networks():
+    cfg = load_config("configs/demo.yaml", ["backbone_width=8", "head_channels=16"])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg), build_model(cfg).eval()
+
+
+def test_rectified_step_trains_only_the_student_and_without_shared_class_is_plain_cross_entropy():
+    cfg, student, teacher = tiny_networks()
+    method = RectifiedSelfTraining(cfg, cross_entropy, torch.device("cpu"))
+    method.attach({"model": student, "teacher": teacher}, {"model": student, "teacher": teacher})
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 32, 32, generator=g)
+    mask_x, pseudo_label = torch.randint(0, 6, (2, 2, 32, 32), generator=g)
+    pseudo_label[:, -4:] = 255  # crop padding
+    region = torch.zeros(2, 32, 32, dtype=torch.bool)
+    empty = {
+        "labeled": (images[:2], mask_x),
+        "unlabeled": (images[2:4], pseudo_label, images[4:], region, region),
+    }
+    losses, _ = method.step(empty)
+    pred_u = student(images[:4])[2:]
+    assert losses["u"].item() == pytest.approx(cross_entropy(pred_u, pseudo_label).item(), rel=1e-5)
+
+    region_u, region_q = pseudo_label == 1, torch.rand(2, 32, 32, generator=g) > 0.5
+    losses, stats = method.step(
+        {**empty, "unlabeled": (images[2:4], pseudo_label, images[4:], region_u, region_q)}
+    )
+    assert losses["u"] < cross_entropy(pred_u, pseudo_label) and stats["weight"] < 1
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_stage1_step_is_two_cross_entropies_plus_the_weighted_consistency():
+    cfg, model, _ = tiny_networks()
+    cfg["ciscr"]["consistency_weight"] = 0.5
+    method = make_method(CrossImageSupervised, model, cfg, cross_entropy)
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(4, 3, 32, 32, generator=g)
+    mask = torch.randint(0, 6, (4, 32, 32), generator=g)
+    region = mask == 2
+    losses, _ = method.step({"labeled": (img[:2], mask[:2], img[2:], mask[2:], region[:2], region[2:])})
+    out = model(img, need_feature=True)
+    logits, feature = out["logits"], out["feature"]
+    assert losses["x"].item() == pytest.approx(
+        (cross_entropy(logits[:2], mask[:2]) + cross_entropy(logits[2:], mask[2:])).item(), rel=1e-5
+    )
+    cisc = cisc_map(feature[:2], masked_average(feature[2:], region[2:]), (32, 32))
+    cisc_q = cisc_map(feature[2:], masked_average(feature[:2], region[:2]), (32, 32))
+    valid = torch.ones_like(region)
+    expected = cross_image_consistency(cisc, region[:2], valid[:2]) + cross_image_consistency(
+        cisc_q, region[2:], valid[2:]
+    )
+    assert losses["cisc"].item() == pytest.approx(0.5 * expected.item(), rel=1e-5) and expected > 0
 
 
 # ------------------------------------------------------------------------------ the query (labeled only)
