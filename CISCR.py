@@ -302,14 +302,23 @@ def write_label(path: str, label: np.ndarray, colours: np.ndarray) -> None:
     write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
-def shard_loader(dataset, positions, workers: int) -> DataLoader:
-    """The items of `dataset` at `positions`, one at a time, in order."""
+def chunks(dataset, positions, size: int, workers: int) -> DataLoader:
+    """The items of `dataset` at `positions`, in order, as lists of `size` (the last may be shorter)."""
     return DataLoader(
-        Subset(dataset, list(positions)),
-        batch_size=1,
-        num_workers=min(workers, 2),
+        Subset(dataset, list(positions)), batch_size=size, collate_fn=list, num_workers=min(workers, 2),
         generator=torch.Generator(),
-    )
+    )  # fmt: skip
+
+
+def by_size(items: list):
+    """(images (B, 3, H, W), labels, positions) for each image size among `items`, a list of (image, label,
+    position): a chunk's images of one size go through the network as one batch."""
+    groups = {}
+    for item in items:
+        groups.setdefault(tuple(item[0].shape[-2:]), []).append(item)
+    for group in groups.values():
+        images, labels, positions = zip(*group)
+        yield torch.stack(images), torch.stack(labels), list(positions)
 
 
 def all_gather(rows: list) -> list:
@@ -416,21 +425,31 @@ class StagedPipeline:
                         os.remove(os.path.join(parent, name))
         barrier()
         model = load_teacher(cfg, self.teacher_path(teacher_stage)).to(self.device)
-        # Each rank labels every world_size-th image, minus those already on disk.
+        # Each rank labels every world_size-th image, c["label_batch_size"] at a time. A chunk is labeled
+        # whole or again (an interrupted run batches the same images together, so its labels are the same);
+        # chunks whose labels are all on disk are skipped.
         share = range(self.dist.rank, len(images), self.dist.world_size)
-        todo = [i for i in share if not os.path.isfile(label_file(folder, images[i]))]
+        size = c["label_batch_size"]
+        todo = [
+            i
+            for start in range(0, len(share), size)
+            if not all(os.path.isfile(label_file(folder, images[j])) for j in share[start : start + size])
+            for i in share[start : start + size]
+        ]
         logger.info(
             f"pseudo-labelling {len(todo)} of {len(share)} images with {teacher_stage} (this process)"
         )
         dataset = FullImages(cfg["data_root"], [(image, None) for image in images], cfg["nclass"])
         colours, amp = palette(cfg["dataset"], cfg["nclass"]), AMP_DTYPES[cfg["amp"]]
-        for n, (image, _, index) in enumerate(shard_loader(dataset, todo, cfg["num_workers"])):
-            with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                probs = predict(model, image.to(self.device), cfg["nclass"], scales=c["tta_scales"],
-                                flip=c["tta_flip"])  # fmt: skip
-            write_label(label_file(folder, images[int(index)]), probs.argmax(dim=1)[0].cpu().numpy(), colours)
-            if (n + 1) % 500 == 0:
-                logger.info(f"  {n + 1} images labelled by this process")
+        for n, items in enumerate(chunks(dataset, todo, size, cfg["num_workers"])):
+            for batch, _, positions in by_size(items):
+                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                    probs = predict(model, batch.to(self.device), cfg["nclass"], scales=c["tta_scales"],
+                                    flip=c["tta_flip"])  # fmt: skip
+                for label, i in zip(probs.argmax(dim=1).cpu().numpy(), positions):
+                    write_label(label_file(folder, images[i]), label, colours)
+            if (n + 1) % 100 == 0:
+                logger.info(f"  {(n + 1) * size} images labelled by this process")
         barrier()
         missing = [image for image in images if not os.path.isfile(label_file(folder, image))]
         if missing:
@@ -444,28 +463,26 @@ class StagedPipeline:
         pseudo-labels match them, the best ciscr.reliable_fraction reliable. Written to selection/."""
         cfg, c, nclass = self.cfg, self.cfg["ciscr"], self.cfg["nclass"]
 
-        def share(dataset):  # this rank's items: every world_size-th
-            return shard_loader(
-                dataset, range(self.dist.rank, len(dataset), self.dist.world_size), cfg["num_workers"]
-            )
-
         model = load_teacher(cfg, self.teacher_path(teacher_stage)).to(self.device)
         classes = labeled_classes(cfg, self.root)
 
-        def features(loader):
-            for image, label, index in loader:
-                yield decoder_output(model, image.to(self.device))[1], label.to(self.device), int(index)
+        def features(dataset):
+            """(decoder feature, label, positions) of this rank's share (every world_size-th image)."""
+            share = range(self.dist.rank, len(dataset), self.dist.world_size)
+            for items in chunks(dataset, share, c["label_batch_size"], cfg["num_workers"]):
+                for images, labels, positions in by_size(items):
+                    feature = decoder_output(model, images.to(self.device))[1]
+                    yield feature, labels.to(self.device), positions
 
         labeled = FullImages(cfg["data_root"], classes.images, nclass)
         prototypes = torch.zeros(nclass, cfg["head_channels"], device=self.device)
-        for feature, label, _ in features(share(labeled)):
+        for feature, label, _ in features(labeled):
             prototypes += class_prototypes(feature, label, nclass)
         all_reduce_sum(prototypes)
 
-        rows = [
-            (index, class_scores(feature, prototypes, label)[0].tolist())
-            for feature, label, index in features(share(labeled))
-        ]
+        rows = []
+        for feature, label, positions in features(labeled):
+            rows += zip(positions, class_scores(feature, prototypes, label).tolist())
         labeled_scores = dict(all_gather(rows))
         keep = c["query_keep_fraction"]
         query_lists = {}
@@ -475,8 +492,8 @@ class StagedPipeline:
 
         pseudo = FullImages(cfg["data_root"], self.labeled_by("stage2", images), nclass)
         rows = []
-        for feature, label, index in features(share(pseudo)):
-            rows.append((index, float(reliability(class_scores(feature, prototypes, label), label)[0])))
+        for feature, label, positions in features(pseudo):
+            rows += zip(positions, reliability(class_scores(feature, prototypes, label), label).tolist())
         score = dict(all_gather(rows))
         order = sorted(range(len(images)), key=lambda i: (score[i], i))
         cut = max(1, int(len(images) * c["reliable_fraction"]))

@@ -206,6 +206,9 @@ SCHEMA: dict[str, Any] = {
         ),
         "tta_scales": _k(list, [0.5, 0.75, 1.0, 1.5, 2.0], item_type=float, above=0.0, min_length=1),
         "tta_flip": _k(bool, True, help="pseudo-labels also from the flipped image"),
+        "label_batch_size": _k(
+            int, 8, low=1, help="images per forward when pseudo-labelling and ranking (those of one size)"
+        ),
         "teacher_checkpoint": _k(
             str, "best", choices=("best", "latest"), help="each stage's teacher: its best-val or last weights"
         ),
