@@ -341,7 +341,9 @@ class StagedPipeline:
         self.dist = init_distributed()
         self.device = self.dist.device
         self.manifest_path = os.path.join(save_path, "stages.json")
-        self.labels = {name: os.path.join(save_path, "pseudo_labels", name) for name in ("stage2", "stage5")}
+        # Absolute: the label files are opened beside images that are relative to the data root.
+        folder = os.path.abspath(os.path.join(save_path, "pseudo_labels"))
+        self.labels = {name: os.path.join(folder, name) for name in ("stage2", "stage5")}
         self.selection = os.path.join(save_path, "selection")
 
     # -------------------------------------------------------------- bookkeeping

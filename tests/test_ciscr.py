@@ -20,7 +20,7 @@ from dataset.query import LabeledClasses, PartnerQuery, covering
 from dataset.semi import read_split
 from model import build_model
 from tests.conftest import make_method
-from tests.test_training import TINY, run, weights
+from tests.test_training import ROOT, TINY, run, weights
 from util.config import ConfigError, defaults, load_config
 from util.losses import cross_entropy
 from util.losses.ciscr import (
@@ -455,6 +455,7 @@ def test_sigkills_in_pseudo_labelling_and_in_a_later_stage_resume_to_the_same_we
 
 def test_two_processes_run_every_stage_with_identical_ranks(data):
     save, dump = data["dir"] / "ddp", data["dir"] / "dump"
+    relative = os.path.relpath(save, ROOT)  # relative to the working folder, not to the data root
     run(
         [
             *TORCHRUN,
@@ -462,7 +463,7 @@ def test_two_processes_run_every_stage_with_identical_ranks(data):
             "--config",
             data["config"],
             "--save-path",
-            str(save),
+            relative,
             "--dump-weights",
             str(dump),
         ]
