@@ -6,7 +6,9 @@ run before anything is written, with a message that names the key and the file.
 """
 
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,34 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type, out of range, or names a path that does not exist."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter and closer to Python: a key given twice is an error naming it and its
+    lines (PyYAML keeps the last one silently), and `1e-3`, `5E4` are numbers (YAML 1.1 wants `1.0e-3`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: key '{key}' appears twice, at lines {seen[key]} and {line}"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(stream):
+    return yaml.load(stream, Loader=ConfigLoader)
 
 
 @dataclass(frozen=True)
@@ -62,10 +92,14 @@ SCHEMA: dict[str, Any] = {
     "head_channels": _k(int, 256, low=1),
     # --- optimisation ---
     "epochs": _k(int, low=1),
-    "max_iters": _k(int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"),
+    "max_iters": _k(
+        int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"
+    ),
     "batch_size": _k(int, low=1, help="per process, for the labeled and the unlabeled loader each"),
     "lr": _k(float, above=0.0),
-    "lr_multi": _k(float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"),
+    "lr_multi": _k(
+        float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"
+    ),
     "momentum": _k(float, 0.9, low=0, high=1),
     "weight_decay": _k(float, 1e-4, low=0),
     "poly_power": _k(float, 0.9, low=0),
@@ -78,6 +112,13 @@ SCHEMA: dict[str, Any] = {
     "seed": _k(int, 0),
     "deterministic": _k(bool, False, help="deterministic kernels (slower); bit-exact resume on the CPU"),
     "num_workers": _k(int, 2, low=0),
+    "check_data": _k(
+        str,
+        "headers",
+        choices=("headers", "full", "off"),
+        help="before training, read every labeled and val file (and a sample of unlabeled images): "
+        "headers and sizes, or full decodes and mask values",
+    ),
     "eval_interval": _k(int, 0, low=0, help="evaluate every N iterations; 0 = at the end of every epoch"),
     "save_interval": _k(int, 0, low=0, help="write latest.pth every N iterations; 0 = only at evaluations"),
     "log_interval": _k(int, 20, low=1),
@@ -264,6 +305,8 @@ def _check_bounds(value, spec: Key, full: str, source: str) -> None:
     for item in items:
         if item is None or isinstance(item, (str, bool)):
             continue
+        if isinstance(item, float) and math.isnan(item):
+            raise ConfigError(f"{source}: key '{full}' must be a number, got {value!r}")
         if spec.above is not None and not item > spec.above:
             raise ConfigError(f"{source}: key '{full}' must be > {spec.above:g}, got {value!r}")
         if (spec.low is not None and item < spec.low) or (spec.high is not None and item > spec.high):
@@ -278,7 +321,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"command-line override '{text}' must look like key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw) if raw != "" else None
     except yaml.YAMLError as err:
         raise ConfigError(f"command-line override '{text}': value is not valid YAML ({err})") from err
     return key.strip().split("."), value
@@ -290,7 +333,7 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = load_yaml(f) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
@@ -313,6 +356,11 @@ def check_values(cfg: dict, source: str) -> None:
     """Relations between keys, which the schema's per-key bounds cannot express."""
     if cfg["deep_stem"] and cfg["backbone"] in ("resnet18", "resnet34"):
         raise ConfigError(f"{source}: key 'deep_stem' is only available for resnet50/resnet101")
+    if cfg["crop_size"] < cfg["output_stride"]:
+        raise ConfigError(
+            f"{source}: key 'crop_size' must be at least output_stride ({cfg['output_stride']}), got "
+            f"{cfg['crop_size']}: a smaller crop is less than one pixel of the encoder's output"
+        )
 
 
 def check_paths(cfg: dict, source: str, need_unlabeled: bool) -> None:

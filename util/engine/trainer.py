@@ -17,7 +17,8 @@ from util.dist import barrier, broadcast_object, init_distributed, is_dist
 from util.engine.guard import NonFiniteError, NonFiniteGuard
 from util.engine.method import Method
 from util.engine.rng import rng_state, seed_everything, set_rng_state
-from util.engine.saving import Saver
+from util.engine.saving import Saver, lock_save_path
+from util.engine.stop import GracefulStop, StopRequested, ignore_stop_signals
 from util.losses import build_labeled_criterion
 from util.metrics import evaluate, format_iou_table
 
@@ -108,7 +109,12 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg["amp"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
 
-        self.data = TrainingData(cfg, method_cls.uses_unlabeled, pin_memory=self.device.type == "cuda")
+        self.data = TrainingData(
+            cfg,
+            method_cls.uses_unlabeled,
+            pin_memory=self.device.type == "cuda",
+            worker_init=ignore_stop_signals,
+        )
         self.iters_per_epoch = self.data.iters_per_epoch
         self.total_iters = cfg["max_iters"] or cfg["epochs"] * self.iters_per_epoch
         self.method.total_iters = self.total_iters
@@ -126,15 +132,17 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         self.saver = Saver(save_path, self.dist.is_main)
+        self.stop = GracefulStop(f"rank {self.dist.rank}: " if self.dist.distributed else "")
 
     def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
-        # Rank 0 prepares the output folder and the demo data; every rank stops on its error, or the
-        # others would wait forever at the next collective.
-        error = None
+        # Rank 0 prepares (and locks) the output folder and the demo data; every rank stops on its error,
+        # or the others would wait forever at the next collective.
+        error, self.lock = None, None
         if self.dist.is_main:
             try:
                 if self.save_path is not None:
                     prepare_save_path(self.save_path)
+                    self.lock = lock_save_path(self.save_path)  # held until this process ends
                 prepare_demo_data(self.cfg)
             except (ConfigError, OSError, ValueError) as err:
                 error = str(err)
@@ -191,18 +199,18 @@ class Trainer:
         stat_values = [
             torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in stats.values()
         ]
-        flags = self.guard.flags(values)
+        flags = self.guard.flags(values, stop_requested=self.stop.requested)
         numbers = torch.cat(
             (values, *[s.reshape(1) for s in stat_values], flags.flatten())
         ).tolist()  # the one sync
         width = len(names)
-        self._finish_step(names, numbers[width + len(stats) :])
+        grad_bad, bad_terms, self.stop.agreed = self.guard.verdict(names, numbers[width + len(stats) :])
+        self._finish_step(grad_bad, bad_terms)
         terms = dict(zip(names[:-1], numbers[: width - 1]))
         return numbers[width - 1], terms, dict(zip(stats, numbers[width : width + len(stats)]))
 
-    def _finish_step(self, names: list[str], flags: list[float]) -> None:
+    def _finish_step(self, grad_bad: bool, bad_terms: dict) -> None:
         """Take the optimizer step, or skip it when a loss term or a gradient is non-finite on any rank."""
-        grad_bad, bad_terms = self.guard.verdict(names, flags)
         if not grad_bad and not bad_terms:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -266,6 +274,8 @@ class Trainer:
             best = {
                 "model": weights,
                 "network": deployed,
+                "method_name": type(self.method).__name__,
+                "code_version": ckpt.code_version(),
                 "cfg": self.cfg,
                 "iteration": self.iteration,
                 "miou": miou,
@@ -309,6 +319,7 @@ class Trainer:
             "networks": {name: net.state_dict() for name, net in self.networks.all.items()},
             "model": self.method.deploy_state(deploy, self.networks.all[deploy]),  # for eval.py
             "method_name": type(self.method).__name__,
+            "code_version": ckpt.code_version(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
@@ -347,6 +358,13 @@ class Trainer:
         path, state = self.saver.find_resumable()
         if path is None:
             return False
+        ours = type(self.method).__name__
+        theirs = state.get("method_name", ours)  # checkpoints from before it was recorded: not known
+        if theirs != ours:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {theirs} (code {state.get('code_version', 'unknown')}); this is "
+                f"{ours}. Resume it with {theirs}'s script, or give {ours} another --save-path"
+            )
         try:
             self.load_state_dict(state)
         except ckpt.CheckpointError:
@@ -381,6 +399,9 @@ class Trainer:
         self.scaler_skips = state.get("scaler_skips", 0)
 
     def _warn_about_differences(self, state: dict, path: str) -> None:
+        version, ours = state.get("code_version", "unknown"), ckpt.code_version()
+        if version != ours:
+            logger.warning(f"{path} was written by code {version}; this is code {ours}")
         if state["world_size"] != self.dist.world_size:
             logger.warning(
                 f"{path} was written by {state['world_size']} process(es), this run has "
@@ -424,26 +445,56 @@ class Trainer:
             self._save_latest()
 
     def fit(self) -> float:
-        from torch.utils.tensorboard import SummaryWriter
+        """Train to the end (from latest.pth when there is one); on a stop signal, write latest.pth at the
+        iteration every rank stopped at and raise StopRequested."""
         from tqdm import tqdm
 
-        self.resume()
-        self.start_iteration = self.iteration
+        self.stop.install()  # from here on a signal stops after the current step
+        try:
+            self.resume()
+            self.start_iteration = self.iteration
+            self._open_outputs()
+            logger.info(
+                f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per "
+                f"epoch, {self.dist.world_size} process(es) on {self.device}"
+            )
+            bar = tqdm(
+                total=self.total_iters,
+                initial=self.iteration,
+                disable=not self.dist.is_main,
+                dynamic_ncols=True,
+            )
+            start = time.time()
+            self._train(bar)
+            bar.close()
+            if self.iteration < self.total_iters:
+                self._stop_on_signal()
+        finally:
+            self.stop.restore()
+            if self.writer is not None:
+                self.writer.close()
+        logger.info(
+            f"done in {time.time() - start:.0f}s: best val mIoU {self.best_miou:.2f} at iteration "
+            f"{self.best_iteration}"
+            + (f"; {self.guard.steps} non-finite step(s) skipped" if self.guard.steps else "")
+        )
+        self.saver.check_final()
+        return self.best_miou
+
+    def _open_outputs(self) -> None:
+        """config.yaml (a changed one keeps the old beside it) and the TensorBoard writer, on rank 0."""
+        from torch.utils.tensorboard import SummaryWriter
+
         if self.dist.is_main and self.save_path is not None:
-            self.saver.write_config(self.cfg)
+            self.saver.write_config(self.cfg, self.iteration)
             # purge_step drops the points a resumed run is about to draw again
             self.writer = SummaryWriter(self.save_path, purge_step=self.iteration or None)
-        logger.info(
-            f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per epoch, "
-            f"{self.dist.world_size} process(es) on {self.device}"
-        )
-        bar = tqdm(
-            total=self.total_iters, initial=self.iteration, disable=not self.dist.is_main, dynamic_ncols=True
-        )
+
+    def _train(self, bar) -> None:
+        """Steps until the last iteration, or until the ranks agree to stop on a signal."""
         for net in self.trained_wrapped:
             net.train()
-        start = time.time()
-        while self.iteration < self.total_iters:
+        while self.iteration < self.total_iters and not self.stop.agreed:
             epoch, start_batch = divmod(self.iteration, self.iters_per_epoch)
             for batch in self.batches(epoch, start_batch):
                 # A skipped (non-finite) step still consumes its batch and advances the iteration, so
@@ -454,15 +505,17 @@ class Trainer:
                 self.iteration += 1
                 bar.update(1)
                 self._after_step(loss, terms, stats, bar)
-                if self.iteration >= self.total_iters:
+                if self.iteration >= self.total_iters or self.stop.agreed:
                     break
-        bar.close()
-        logger.info(
-            f"done in {time.time() - start:.0f}s: best val mIoU {self.best_miou:.2f} at iteration "
-            f"{self.best_iteration}"
-            + (f"; {self.guard.steps} non-finite step(s) skipped" if self.guard.steps else "")
+
+    def _stop_on_signal(self) -> None:
+        """Every rank agreed to stop after this step: latest.pth (unless this iteration's is written)."""
+        if self.saver.saved_iteration != self.iteration:
+            self._save_latest()
+        barrier()
+        latest, saved = self.saver.path("latest.pth"), self.saver.saved_iteration
+        kept = f"{latest} holds iteration {saved}" if latest and saved is not None else "nothing was saved"
+        raise StopRequested(
+            f"stopped by {self.stop.describe()} after iteration {self.iteration}/{self.total_iters}: {kept}; "
+            "run the same command to continue"
         )
-        if self.writer is not None:
-            self.writer.close()
-        self.saver.check_final()
-        return self.best_miou
