@@ -131,6 +131,8 @@ def load_failure_reason(err: Exception) -> str:
 
 def load(path: str) -> dict:
     """Read a checkpoint on the CPU; any failure names the file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder: name a file in it, e.g. {path}/best.pth")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:

@@ -9,6 +9,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dataset.check import check_data
 from dataset.classes import class_names
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths
@@ -70,12 +71,13 @@ def prepare_save_path(save_path: str) -> None:
         raise ConfigError(f"cannot write to save path {save_path}: {err.strerror or err}") from err
 
 
-def prepare_demo_data(cfg: dict) -> None:
-    """The demo dataset is generated on first use (by rank 0, while the others wait)."""
+def prepare_demo_data(cfg: dict, generate: bool = True) -> None:
+    """The demo dataset is generated on first use (by rank 0, while the others wait); one made with other
+    parameters is an error, never overwritten. `generate=False` only checks it (eval.py writes no data)."""
     if cfg["dataset"] == "demo":
         from dataset.demo import ensure_demo
 
-        ensure_demo(cfg["data_root"], **cfg["demo"])
+        ensure_demo(cfg["data_root"], generate, **cfg["demo"])
 
 
 def batchnorm_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -135,8 +137,8 @@ class Trainer:
         self.stop = GracefulStop(f"rank {self.dist.rank}: " if self.dist.distributed else "")
 
     def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
-        # Rank 0 prepares (and locks) the output folder and the demo data; every rank stops on its error,
-        # or the others would wait forever at the next collective.
+        # Rank 0 prepares (and locks) the output folder and the demo data and checks the data; every rank
+        # stops on its error, or the others would wait forever at the next collective.
         error, self.lock = None, None
         if self.dist.is_main:
             try:
@@ -144,12 +146,14 @@ class Trainer:
                     prepare_save_path(self.save_path)
                     self.lock = lock_save_path(self.save_path)  # held until this process ends
                 prepare_demo_data(self.cfg)
+                check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
+                check_data(self.cfg, uses_unlabeled)  # every file training reads, before training
             except (ConfigError, OSError, ValueError) as err:
                 error = str(err)
         error = broadcast_object(error)
         if error:
             raise ConfigError(error)
-        check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
+        check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)  # every rank: its own filesystem
 
     def _wrap_networks(self) -> None:
         """Move every network to the device; DDP (and SyncBN on CUDA) around the trained ones; no gradient
