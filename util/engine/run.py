@@ -15,7 +15,7 @@ from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup
 from util.engine.guard import NonFiniteError
-from util.engine.stop import StopRequested
+from util.engine.stop import StopRequested, end_workers
 from util.engine.trainer import Trainer
 
 logger = logging.getLogger("semiseg")
@@ -74,6 +74,7 @@ def run(trainer: "Trainer") -> float:
         sys.exit(code)
     finally:
         cleanup()
+        end_workers()
 
 
 def _message(err: Exception) -> str:

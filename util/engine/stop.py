@@ -8,6 +8,7 @@ exits with EXIT_REQUEUE. Signals that come while it stops are reported and ignor
 cannot interrupt the save (SIGKILL still can; the save is atomic either way).
 """
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -59,7 +60,16 @@ class GracefulStop:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A data loader worker's `worker_init_fn`: Ctrl-C and SIGUSR1 reach the whole process group, and a
-    worker that died of them would end the training before it could stop cleanly."""
-    for sig in (signal.SIGINT, signal.SIGUSR1):
+    """A data loader worker's `worker_init_fn`. Ctrl-C reaches the whole process group, and some schedulers
+    signal every process of a job (SLURM); a loader worker that died of it would end the training before it
+    could stop cleanly. A worker ends when its loader is closed, or with the training process (end_workers).
+    """
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def end_workers() -> None:
+    """Kill the loader workers still up when the training process ends: they ignore SIGTERM, by which
+    multiprocessing would end them at exit (it would then wait for them forever)."""
+    for child in multiprocessing.active_children():
+        child.kill()

@@ -1,6 +1,7 @@
 """The training loop, written once: the method's networks wrapped and optimised, its step taken, guarded,
 logged, evaluated and checkpointed."""
 
+import inspect
 import logging
 import os
 import sys
@@ -26,6 +27,15 @@ from util.metrics import evaluate, format_iou_table
 logger = logging.getLogger("semiseg")
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# DDP must not broadcast buffers at every forward: each CPU rank keeps its own BatchNorm statistics, which the
+# engine averages before evaluating and saving. Newer torch names the switch forward_sync_buffers (it still
+# copies rank 0's buffers once at the start, the same on every rank there) and warns about the old name.
+NO_BUFFER_BROADCAST = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float) -> float:
@@ -171,7 +181,7 @@ class Trainer:
         if self.dist.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             for name, net in nets.trained.items():
-                wrapped[name] = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+                wrapped[name] = DistributedDataParallel(net, device_ids=device_ids, **NO_BUFFER_BROADCAST)
         self.trained_wrapped = [wrapped[name] for name in nets.trained]
         self.method.attach(wrapped, nets.all)
 
@@ -237,12 +247,19 @@ class Trainer:
         Parameters stay identical under DDP, but each rank's running mean/var follow its own batches;
         averaging them before evaluating or saving keeps every rank's networks the same.
         """
-        if not is_dist() or self.device.type == "cuda":
+        if not self.ranks_own_batchnorm:
             return
-        for net in self.networks.all.values():
-            for buf in batchnorm_buffers(net):
-                torch.distributed.all_reduce(buf)
-                buf.div_(self.dist.world_size)
+        for buf in self.batchnorm_buffers():
+            torch.distributed.all_reduce(buf)
+            buf.div_(self.dist.world_size)
+
+    @property
+    def ranks_own_batchnorm(self) -> bool:
+        """Whether each rank has BatchNorm statistics of its own (several processes without SyncBN)."""
+        return is_dist() and self.device.type != "cuda"
+
+    def batchnorm_buffers(self) -> list[torch.Tensor]:
+        return [buf for net in self.networks.all.values() for buf in batchnorm_buffers(net)]
 
     def evaluate(self) -> dict[str, dict]:
         """{network name: evaluation result} for every network the method evaluates; each network is left
@@ -333,17 +350,18 @@ class Trainer:
             "nonfinite_steps": self.guard.steps,
             "scaler_skips": self.scaler_skips,
             "world_size": self.dist.world_size,
-            "rng": self._gather_rng(),
+            "rng": self._gather(rng_state()),
             "cfg": self.cfg,
         }
 
-    def _gather_rng(self) -> list:
-        states = [None] * self.dist.world_size
+    def _gather(self, obj) -> list:
+        """`obj` from every rank, in rank order (a collective)."""
+        objects = [None] * self.dist.world_size
         if is_dist():
-            torch.distributed.all_gather_object(states, rng_state())
+            torch.distributed.all_gather_object(objects, obj)
         else:
-            states[0] = rng_state()
-        return states
+            objects[0] = obj
+        return objects
 
     def _save_latest(self, state: dict | None = None) -> None:
         """latest.pth; not during a run of skipped steps, so that latest.pth keeps the state from before the
@@ -397,6 +415,9 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         if state["world_size"] == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
+            own = state.get("batchnorm_per_rank")  # written by a stop on a signal (_own_batchnorm_state)
+            for buf, value in zip(self.batchnorm_buffers(), own[self.dist.rank] if own else ()):
+                buf.copy_(value)
         self.iteration = state["iteration"]
         self.best_miou, self.best_iteration = state["best_miou"], state["best_iteration"]
         self.guard.steps = state.get("nonfinite_steps", 0)
@@ -512,10 +533,20 @@ class Trainer:
                 if self.iteration >= self.total_iters or self.stop.agreed:
                     break
 
+    def _own_batchnorm_state(self) -> dict:
+        """Each rank's own BatchNorm statistics, for a save the uninterrupted run would not make: state_dict
+        averages them over the ranks, which the run would otherwise only do at its next evaluation or save;
+        a resume puts each rank's own back (load_state_dict)."""
+        if not self.ranks_own_batchnorm:
+            return {}
+        own = self._gather([buf.clone() for buf in self.batchnorm_buffers()])
+        return {"batchnorm_per_rank": own}
+
     def _stop_on_signal(self) -> None:
         """Every rank agreed to stop after this step: latest.pth (unless this iteration's is written)."""
         if self.saver.saved_iteration != self.iteration:
-            self._save_latest()
+            state = self._own_batchnorm_state()
+            self._save_latest({**self.state_dict(), **state})
         barrier()
         latest, saved = self.saver.path("latest.pth"), self.saver.saved_iteration
         kept = f"{latest} holds iteration {saved}" if latest and saved is not None else "nothing was saved"
