@@ -1,7 +1,8 @@
 """Fault injection: each case is a real training process (or two under torchrun/gloo) that is killed,
-fed NaNs, a damaged or hostile checkpoint, a full disk or a malformed data file, and what must hold
-afterwards is checked: bit-identical weights after a resume, loadable checkpoints, exit statuses,
-messages that name the file, and no code executed from a checkpoint.
+stopped by a signal, started twice on one save path, fed NaNs, a damaged or hostile checkpoint, a full disk,
+a malformed data file or config, and what must hold afterwards is checked: bit-identical weights after a
+resume, loadable checkpoints, exit statuses, messages that name the file or key, and no code executed from a
+checkpoint. Checks that need no training process run in-process (at the end).
 
 The faults are injected by tests/run_training.py (test-only flags); the library has no test hooks.
 """
