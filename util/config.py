@@ -86,6 +86,7 @@ SCHEMA: dict[str, Any] = {
     "eval_interval": _k(int, 0, low=0, help="evaluate every N iterations; 0 = at the end of every epoch"),
     "save_interval": _k(int, 0, low=0, help="write latest.pth every N iterations; 0 = only at evaluations"),
     "log_interval": _k(int, 20, low=1),
+    "tb_images": _k(int, 4, low=0, help="validation pictures in TensorBoard at each evaluation, per network"),
     "max_nonfinite_steps": _k(
         int, 5, low=1, help="stop after this many optimizer steps in a row with a NaN/Inf loss or gradient"
     ),
