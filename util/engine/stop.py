@@ -69,7 +69,11 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 def end_workers() -> None:
-    """Kill the loader workers still up when the training process ends: they ignore SIGTERM, by which
-    multiprocessing would end them at exit (it would then wait for them forever)."""
-    for child in multiprocessing.active_children():
+    """Kill the loader workers still up when the training process ends (after an error): they ignore SIGTERM,
+    by which multiprocessing would end them at exit, and it would then wait for them forever."""
+    children = multiprocessing.active_children()
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as a failure
+    for child in children:
         child.kill()
+        child.join()
