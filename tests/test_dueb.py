@@ -1,17 +1,31 @@
 """DUEB: CPCL's intersection/union pseudo-labels, the aleatoric and energy losses against loop references
-and hand computations (paper and released variants), their gradient paths."""
+and hand computations (paper and released variants), their gradient paths; the method's networks, forward
+passes and optimizer per switch; the global confusion matrix under two gloo processes; a two-process run
+killed and resumed bit-identically, and eval.py on its best.pth."""
 
+import json
 import math
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from DUEB import DUEB
+from tests import dueb_ranks
+from tests.test_training import run
+from unimatch import cutmix
+from util.config import ConfigError, defaults, load_config
+from util.engine import Trainer
+from util.losses import cross_entropy
 from util.losses.dueb import (
     aleatoric_loss,
     conflict_rates,
     confusion_counts,
     energy_loss,
+    global_cross_labels,
     intersection_union_labels,
     weighted_cross_entropy,
 )
@@ -279,3 +293,160 @@ def test_energy_of_an_empty_selection_is_zero_with_finite_gradient(released):
     loss = energy_loss(logits, torch.full_like(label, IGNORE), released)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+# ---------------------------------------------------------------- the method
+def test_pseudo_labels_use_the_conflict_rates_of_the_global_batch(tmp_path):
+    torch.multiprocessing.spawn(dueb_ranks.worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    data = [dueb_ranks.rank_data(rank) for rank in (0, 1)]
+    # one process holding both ranks' batches
+    together = global_cross_labels(*(torch.cat(parts) for parts in zip(*data)), dueb_ranks.NCLASS)
+    differs_from_local = False
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        part = slice(2 * rank, 2 * rank + 2)
+        for key, value in got.items():
+            assert torch.equal(value, getattr(together, key)[part]), f"rank {rank}: {key}"
+        local = global_cross_labels(*data[rank], dueb_ranks.NCLASS)  # no process group: this rank's rates
+        differs_from_local |= not torch.equal(local.union_label, got["union_label"])
+    assert differs_from_local, "the test data cannot tell global from per-rank conflict rates"
+
+
+def dueb_trainer(config, *overrides):
+    return Trainer(DUEB, load_config(config, list(overrides)), save_path=None)
+
+
+def parameters(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def changed(before, module):
+    return any(not torch.equal(before[k], v) for k, v in module.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["paper", "released", "off"])
+def test_networks_optimizer_and_what_one_step_trains(tiny_config, mode):
+    trainer = dueb_trainer(tiny_config, f"dueb.aleatoric={mode}", "lr_multi=10")
+    nets = trainer.networks
+    assert nets.evaluate == ("branch1",) and nets.deploy == ("branch1",)
+    assert not torch.equal(nets.all["branch1"].classifier.weight, nets.all["branch2"].classifier.weight)
+    heads = {f"variance{k}" for k in (1, 2)}
+    optimised = {
+        id(p): group["lr_scale"] for group in trainer.optimizer.param_groups for p in group["params"]
+    }
+    if mode == "paper":  # trained at the head's learning rate
+        assert set(nets.trained) == {"branch1", "branch2", *heads} and not nets.frozen
+        assert all(optimised.get(id(p)) == 10.0 for h in heads for p in nets.all[h].parameters())
+    elif mode == "released":  # in no optimizer, no gradient: left at their initialisation
+        assert set(nets.trained) == {"branch1", "branch2"} and set(nets.frozen) == heads
+        assert all(
+            id(p) not in optimised and not p.requires_grad for h in heads for p in nets.all[h].parameters()
+        )
+    else:
+        assert set(nets.all) == {"branch1", "branch2"}
+    before = {name: parameters(net) for name, net in nets.all.items()}
+    loss, terms, _ = trainer.train_step(next(iter(trainer.batches(0))))
+    expected = {"x", "u", "energy"} | ({"aleatoric"} if mode != "off" else set())
+    assert set(terms) == expected and math.isfinite(loss)
+    assert changed(before["branch1"], nets.all["branch1"]) and changed(before["branch2"], nets.all["branch2"])
+    for head in heads & set(nets.all):
+        assert changed(before[head], nets.all[head]) == (mode == "paper")
+
+
+def test_variance_heads_are_the_same_on_every_rank(tiny_config):
+    """The engine seeds each rank differently before networks(); the frozen (released) heads are not
+    broadcast, so they are drawn from a seed of their own."""
+    cfg = load_config(tiny_config, ["dueb.aleatoric=released"])
+    built = []
+    for rank_seed in (0, 1):
+        torch.manual_seed(rank_seed)
+        built.append(DUEB(cfg, cross_entropy, torch.device("cpu")).networks())
+    for k in (1, 2):
+        a, b = (n.frozen[f"variance{k}"].conv.weight for n in built)
+        assert torch.equal(a, b)
+    assert not torch.equal(built[0].frozen["variance1"].conv.weight, built[0].frozen["variance2"].conv.weight)
+
+
+@pytest.mark.parametrize("view, aleatoric", [("weak", "paper"), ("strong", "off")])
+def test_each_branch_runs_one_teacher_and_one_student_forward(tiny_config, view, aleatoric):
+    trainer = dueb_trainer(tiny_config, f"dueb.student_view={view}", f"dueb.aleatoric={aleatoric}")
+    calls = []
+    for k in (1, 2):
+        trainer.networks.all[f"branch{k}"].register_forward_hook(
+            lambda module, args, kwargs, out, k=k: calls.append(
+                (k, args[0], torch.is_grad_enabled(), kwargs.get("need_feature", False))
+            ),
+            with_kwargs=True,
+        )
+    batch = next(iter(trainer.batches(0)))
+    trainer.method.step(batch)
+    img_x = batch["labeled"][0]
+    img_u, img_u_s, _, _, box, _ = batch["unlabeled"]
+    img_m, img_m_s = batch["mix"][0], batch["mix"][1]
+    student = cutmix(img_u, img_m, box) if view == "weak" else cutmix(img_u_s, img_m_s, box)
+    assert [(k, grad, feature) for k, _, grad, feature in calls] == [
+        (1, False, False),  # teachers: both unlabeled images, no gradient, logits only
+        (2, False, False),
+        (1, True, aleatoric != "off"),  # students: labeled + CutMixed images; the feature for the variance
+        (2, True, aleatoric != "off"),
+    ]
+    for _, image, grad, _ in calls:
+        assert torch.equal(image, torch.cat((img_x, student)) if grad else torch.cat((img_u, img_m)))
+
+
+@pytest.mark.parametrize("name", ["pascal", "cityscapes", "coco", "demo"])
+def test_configs_state_only_what_differs_from_the_dueb_defaults(name):
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
+    raw = yaml.safe_load(open(path)).get("dueb") or {}
+    assert all(value != defaults()["dueb"][key] for key, value in raw.items()), "a default restated"
+    cfg = load_config(path)["dueb"]
+    assert cfg["lambda_u"] == (5.0 if name == "cityscapes" else 1.0)
+    assert (cfg["aleatoric"], cfg["energy"], cfg["count_ignored"], cfg["mc_samples"]) == (
+        "paper",
+        "paper",
+        False,
+        10,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("dueb.aleatoric=fixed", "key 'dueb.aleatoric' must be one of"),
+        ("dueb.energy=on", "key 'dueb.energy' must be one of"),
+        ("dueb.mc_samples=0", "key 'dueb.mc_samples' must lie in [1, inf]"),
+        ("dueb.lambda_u=-1", "key 'dueb.lambda_u' must lie in [0.0, inf]"),
+        ("dueb.energie=off", "unknown config key 'dueb.energie' (did you mean 'dueb.energy'?)"),
+    ],
+)
+def test_bad_dueb_config_names_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_two_process_run_ranks_agree_resumes_bit_identically_and_eval_scores_branch_1(tiny_config, tmp_path):
+    straight, killed, dump = tmp_path / "straight", tmp_path / "killed", tmp_path / "dump"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    script = [*launch, "tests/run_training.py", "DUEB", "--config", tiny_config]
+    run([*script, "--save-path", str(straight), "--dump-weights", str(dump)])
+    # rank 1 is SIGKILLed before iteration 5 (the last checkpoint is iteration 4); the same command resumes
+    run([*script, "--save-path", str(killed), "--kill-at", "5", "--kill-rank", "1"], expect=1)
+    log = run([*script, "--save-path", str(killed)])
+    assert "at iteration 4/6" in log
+
+    a, b = (torch.load(d / "latest.pth", weights_only=True) for d in (straight, killed))
+    assert sorted(a["networks"]) == ["branch1", "branch2", "variance1", "variance2"]
+    for name, weights in a["networks"].items():
+        assert all(torch.equal(v, b["networks"][name][k]) for k, v in weights.items()), f"{name} differs"
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0), "ranks diverged"
+
+    rows = [json.loads(line) for line in (straight / "evals.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["network"]) for r in rows] == [(3, "branch1"), (6, "branch1")]
+    best = torch.load(straight / "best.pth", weights_only=True)
+    assert best["network"] == "branch1"
+    out = run(
+        [sys.executable, "eval.py", "--config", tiny_config, "--checkpoint", str(straight / "best.pth")]
+    )
+    assert f"{best['miou']:.2f}" in out

@@ -62,10 +62,14 @@ SCHEMA: dict[str, Any] = {
     "head_channels": _k(int, 256, low=1),
     # --- optimisation ---
     "epochs": _k(int, low=1),
-    "max_iters": _k(int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"),
+    "max_iters": _k(
+        int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"
+    ),
     "batch_size": _k(int, low=1, help="per process, for the labeled and the unlabeled loader each"),
     "lr": _k(float, above=0.0),
-    "lr_multi": _k(float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"),
+    "lr_multi": _k(
+        float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"
+    ),
     "momentum": _k(float, 0.9, low=0, high=1),
     "weight_decay": _k(float, 1e-4, low=0),
     "poly_power": _k(float, 0.9, low=0),
@@ -182,17 +186,18 @@ SCHEMA: dict[str, Any] = {
     # energy loss. Paper by default; the released code's choices are switches (docs/DIFFERENCES.md). With
     # both terms off it is CPCL. The weights are the released ones (VOC; Cityscapes: lambda_u 5). ---
     "dueb": {
+        # `off` is YAML's false, so 'off' and 'false' both turn a term off
         "aleatoric": _k(
-            str,
+            (str, bool),
             "paper",
-            choices=("paper", "released", "off"),
+            choices=("paper", "released", False),
             help="per-pixel, reparameterised, variance head trained (paper); batch means, sample(), head "
             "frozen at its random init (released); off",
         ),
         "energy": _k(
-            str,
+            (str, bool),
             "paper",
-            choices=("paper", "released", "off"),
+            choices=("paper", "released", False),
             help="per-pixel free energy of the logits (paper); logsumexp over pixels of the target-class "
             "probabilities (released); off",
         ),

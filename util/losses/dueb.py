@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from util.dist import all_reduce_sum
 from util.losses import IGNORE
 
 
@@ -82,6 +83,23 @@ def intersection_union_labels(
         inter_weight=mean_confidence,
         union_label=torch.where(valid, union_label, ignored),
         union_weight=union_weight,
+    )
+
+
+def global_cross_labels(
+    pred_1: torch.Tensor,
+    confidence_1: torch.Tensor,
+    pred_2: torch.Tensor,
+    confidence_2: torch.Tensor,
+    valid: torch.Tensor,
+    nclass: int,
+) -> CrossLabels:
+    """`intersection_union_labels` with the conflict rates of the confusion counts summed over all ranks
+    (one all_reduce when a process group runs), so that every rank settles disagreements as one process
+    holding the global batch would."""
+    counts = all_reduce_sum(confusion_counts(pred_1, pred_2, valid, nclass))
+    return intersection_union_labels(
+        pred_1, confidence_1, pred_2, confidence_2, conflict_rates(counts), valid
     )
 
 
