@@ -100,28 +100,32 @@ class DUEB(Method):
         label: torch.Tensor,
         weight: torch.Tensor,
     ) -> dict:
-        """Supervised CE, the unsupervised CE on the branch's pseudo-label, and its energy and aleatoric
-        terms on both (weighted as released: x0.5 on labeled images, x1 on unlabeled ones)."""
+        """One branch's terms: supervised CE, the confidence-weighted CE on its pseudo-label, and its energy
+        and aleatoric terms on the labeled (x0.5, as released) and the CutMixed images (x1)."""
         cfg = self.cfg["dueb"]
-        logits_x, logits_u = out.logits.split([num_labeled, label.shape[0]])
+        sizes = [num_labeled, label.shape[0]]
+        logits_x, logits_u = out.logits.split(sizes)
         losses = {
             "x": self.criterion_l(logits_x, mask_x),
             "u": cfg["lambda_u"] * weighted_cross_entropy(logits_u, label, weight, cfg["count_ignored"]),
         }
+        w_x, w_u = cfg["weight_labeled"], cfg["weight_unlabeled"]
         if self.energy != "off":
             released = self.energy == "released"
-            losses["energy"] = cfg["weight_labeled"] * energy_loss(logits_x, mask_x, released) + cfg[
-                "weight_unlabeled"
-            ] * energy_loss(logits_u, label, released)
+            energy_x, energy_u = (
+                energy_loss(logits_x, mask_x, released),
+                energy_loss(logits_u, label, released),
+            )
+            losses["energy"] = w_x * energy_x + w_u * energy_u
         if self.aleatoric != "off":
             released = self.aleatoric == "released"
-            # the T Monte-Carlo samples of every image, drawn at once (global generator, on the device)
+            # the T Monte-Carlo samples of every image in one draw (global generator, on the device)
             noise = torch.randn((cfg["mc_samples"], *out.logits.shape), device=out.logits.device)
-            noise_x, noise_u = noise.split([num_labeled, label.shape[0]], dim=1)
-            variance_x, variance_u = out.variance.split([num_labeled, label.shape[0]])
-            losses["aleatoric"] = cfg["weight_labeled"] * aleatoric_loss(
-                logits_x, variance_x, mask_x, noise_x, released
-            ) + cfg["weight_unlabeled"] * aleatoric_loss(logits_u, variance_u, label, noise_u, released)
+            noise_x, noise_u = noise.split(sizes, dim=1)
+            variance_x, variance_u = out.variance.split(sizes)
+            aleatoric_x = aleatoric_loss(logits_x, variance_x, mask_x, noise_x, released)
+            aleatoric_u = aleatoric_loss(logits_u, variance_u, label, noise_u, released)
+            losses["aleatoric"] = w_x * aleatoric_x + w_u * aleatoric_u
         return losses
 
     def step(self, batch: dict) -> tuple[dict, dict]:
@@ -149,16 +153,15 @@ class DUEB(Method):
             img_mixed = cutmix(img_u_s, img_u_mix_s, cutmix_box)
         num_labeled = img_x.shape[0]
         inputs = torch.cat((img_x, img_mixed))
-        losses_1 = self.branch_losses(
-            self.forward_branch(1, inputs), num_labeled, mask_x, targets.inter_label, targets.inter_weight
-        )
-        losses_2 = self.branch_losses(
-            self.forward_branch(2, inputs), num_labeled, mask_x, targets.union_label, targets.union_weight
-        )
+        out_1, out_2 = self.forward_branch(1, inputs), self.forward_branch(2, inputs)
+        losses_1 = self.branch_losses(out_1, num_labeled, mask_x, targets.inter_label, targets.inter_weight)
+        losses_2 = self.branch_losses(out_2, num_labeled, mask_x, targets.union_label, targets.union_weight)
         losses = {name: losses_1[name] + losses_2[name] for name in losses_1}
 
-        agree = ((pred_1 == pred_2) & valid).sum() / valid.sum().clamp(min=1)
-        return losses, {"agreement": agree}
+        stats = {"agreement": ((pred_1 == pred_2) & valid).sum() / valid.sum().clamp(min=1)}
+        if out_1.variance is not None:
+            stats["variance"] = out_1.variance.detach().mean()
+        return losses, stats
 
 
 METHOD = DUEB
