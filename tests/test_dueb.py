@@ -401,12 +401,9 @@ def test_configs_state_only_what_differs_from_the_dueb_defaults(name):
     assert all(value != defaults()["dueb"][key] for key, value in raw.items()), "a default restated"
     cfg = load_config(path)["dueb"]
     assert cfg["lambda_u"] == (5.0 if name == "cityscapes" else 1.0)
-    assert (cfg["aleatoric"], cfg["energy"], cfg["count_ignored"], cfg["mc_samples"]) == (
-        "paper",
-        "paper",
-        False,
-        10,
-    )
+    switches = (cfg["aleatoric"], cfg["energy"], cfg["count_ignored"], cfg["student_view"])
+    assert switches == ("paper", "released", False, "weak") and cfg["mc_samples"] == 10
+    assert load_config(path, ["dueb.aleatoric=off"])["dueb"]["aleatoric"] is False  # YAML reads off as false
 
 
 @pytest.mark.parametrize(

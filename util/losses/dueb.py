@@ -169,8 +169,9 @@ def aleatoric_loss(
 def energy_loss(logits: torch.Tensor, label: torch.Tensor, released: bool = False) -> torch.Tensor:
     """Energy term on the labelled pixels; zero when there are none.
 
-    Paper (default): the mean free energy -log sum_k exp(z_pk) of the logits over the labelled pixels
-    (the figure's "Logits -> LogSumExp"); lowering it raises the logits, most those of the likely classes.
+    Paper (released=False), our reading of the figure's "Logits -> LogSumExp": the mean free energy
+    -log sum_k exp(z_pk) of the logits over the labelled pixels. It has no lower bound (raising all logits
+    together lowers it), which is why DUEB.py uses the released term by default.
     released=True: log sum_p exp(s_p) over all labelled pixels of the batch, with s_p = softmax(z_p)[y_p]
     and pixels with s_p == 0 left out (a penalty on the target probability, plus log N). The released
     code returns -inf when no pixel is labelled; here that case gives 0.
