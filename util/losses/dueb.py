@@ -23,12 +23,14 @@ def confusion_counts(
 ) -> torch.Tensor:
     """(K, K) counts of the pixels where branch 1 predicts row i and branch 2 column j, over `valid` pixels.
 
-    One bincount on the device; invalid pixels go to an extra bin that is dropped. The caller sums the
-    counts over ranks (all_reduce) before `conflict_rates`, so every rank sees the global batch's matrix.
+    One scatter-add into K*K + 1 bins on the device (invalid pixels go to the last bin, then dropped);
+    torch.bincount would read the largest index back to the host to size its output. The caller sums the
+    counts over ranks before `conflict_rates`, so every rank sees the global batch's matrix.
     """
-    index = pred_1 * nclass + pred_2
-    index = torch.where(valid, index, torch.full_like(index, nclass * nclass))
-    counts = torch.bincount(index.flatten(), minlength=nclass * nclass + 1)
+    index = (pred_1 * nclass + pred_2).flatten()
+    index = torch.where(valid.flatten(), index, torch.full_like(index, nclass * nclass))
+    counts = torch.zeros(nclass * nclass + 1, dtype=torch.long, device=index.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
     return counts[: nclass * nclass].view(nclass, nclass)
 
 
