@@ -80,9 +80,9 @@ class DUEB(Method):
         branch = getattr(self, f"branch{k}")
         if self.aleatoric == "off":
             return BranchOutput(branch(image), None)
-        out = branch(image, need_feature=True)
-        variance = getattr(self, f"variance{k}")(out["feature"], image.shape[-2:])
-        return BranchOutput(out["logits"], variance)
+        out = branch(image, features=True)
+        variance = getattr(self, f"variance{k}")(out.decoder, image.shape[-2:])
+        return BranchOutput(out.logits, variance)
 
     @torch.no_grad()
     def teacher(self, k: int, image: torch.Tensor, image_mix: torch.Tensor, box: torch.Tensor) -> tuple:
@@ -158,7 +158,11 @@ class DUEB(Method):
         losses_2 = self.branch_losses(out_2, num_labeled, mask_x, targets.union_label, targets.union_weight)
         losses = {name: losses_1[name] + losses_2[name] for name in losses_1}
 
-        stats = {"agreement": ((pred_1 == pred_2) & valid).sum() / valid.sum().clamp(min=1)}
+        stats = {
+            "agreement": ((pred_1 == pred_2) & valid).sum() / valid.sum().clamp(min=1),
+            # the union labels' weights (B*H*W values): a histogram in TensorBoard at each logged step
+            "confidence": targets.union_weight.flatten(),
+        }
         if out_1.variance is not None:
             stats["variance"] = out_1.variance.detach().mean()
         return losses, stats

@@ -374,7 +374,7 @@ def test_each_branch_runs_one_teacher_and_one_student_forward(tiny_config, view,
     for k in (1, 2):
         trainer.networks.all[f"branch{k}"].register_forward_hook(
             lambda module, args, kwargs, out, k=k: calls.append(
-                (k, args[0], torch.is_grad_enabled(), kwargs.get("need_feature", False))
+                (k, args[0], torch.is_grad_enabled(), kwargs.get("features", False))
             ),
             with_kwargs=True,
         )

@@ -194,8 +194,9 @@ SCHEMA: dict[str, Any] = {
         "sai_warm_up": _k(int, 0, low=0, help="SAI starts at this iteration (released warm_up, in epochs)"),
     },
     # --- DUEB (DUEB.py): two branches on CPCL's intersection/union pseudo-labels, plus an aleatoric and an
-    # energy loss. Paper by default; the released code's choices are switches (docs/DIFFERENCES.md). With
-    # both terms off it is CPCL. The weights are the released ones (VOC; Cityscapes: lambda_u 5). ---
+    # energy loss. Paper by default but for the energy term; the released code's choices are switches
+    # (docs/DIFFERENCES.md). With both terms off it is CPCL. The weights are the released ones (VOC;
+    # Cityscapes: lambda_u 5). ---
     "dueb": {
         # `off` is YAML's false, so 'off' and 'false' both turn a term off
         "aleatoric": _k(
