@@ -103,7 +103,7 @@ def check_cross_labels(pred_1, conf_1, pred_2, conf_2, valid, K):
     got_rate = conflict_rates(got_counts)
     # the reference adds the one agreeing pixel per class to its matrix; the counts are the raw ones
     assert torch.equal(got_counts + torch.eye(K, dtype=got_counts.dtype), torch.tensor(counts))
-    assert torch.allclose(got_rate, torch.tensor(rate, dtype=torch.float), atol=1e-7)
+    assert torch.allclose(got_rate, torch.tensor(rate, dtype=torch.double), rtol=1e-12, atol=0)
     labels = intersection_union_labels(pred_1, conf_1, pred_2, conf_2, got_rate, valid)
     assert torch.equal(labels.inter_label, inter) and torch.equal(labels.union_label, union)
     # weights matter where the label is not ignored

@@ -35,7 +35,7 @@ def confusion_counts(
 
 
 def conflict_rates(counts: torch.Tensor) -> torch.Tensor:
-    """Normalised per-class conflict rate r (K,) from the confusion counts (rows branch 1, columns branch 2).
+    """Normalised per-class conflict rates r (K,), float64, from confusion counts (rows: branch 1).
 
     Each class first gets one agreeing pixel (as CPCL appends 0..K-1 to both predictions), so a class
     that one branch never predicts has a zero rate there instead of 0/0. Then
@@ -45,7 +45,7 @@ def conflict_rates(counts: torch.Tensor) -> torch.Tensor:
     counts = counts.double() + torch.eye(counts.shape[0], dtype=torch.double, device=counts.device)
     agree = counts.diagonal()
     rate = (counts.sum(0) - agree) / counts.sum(0) + (counts.sum(1) - agree) / counts.sum(1)
-    return (rate / (rate.sum() + 1e-6)).float()
+    return rate / (rate.sum() + 1e-6)  # float64, as CPCL compares them
 
 
 @dataclass
