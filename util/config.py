@@ -230,6 +230,45 @@ SCHEMA: dict[str, Any] = {
         ),
         "sai_warm_up": _k(int, 0, low=0, help="SAI starts at this iteration (released warm_up, in epochs)"),
     },
+    # --- DUEB (DUEB.py): two branches on CPCL's intersection/union pseudo-labels, plus an aleatoric and an
+    # energy loss. Paper by default but for the energy term; the released code's choices are switches
+    # (docs/DIFFERENCES.md). With both terms off it is CPCL. The weights are the released ones (VOC;
+    # Cityscapes: lambda_u 5). ---
+    "dueb": {
+        # `off` is YAML's false, so 'off' and 'false' both turn a term off
+        "aleatoric": _k(
+            (str, bool),
+            "paper",
+            choices=("paper", "released", False),
+            help="per-pixel, reparameterised, variance head trained (paper); batch means, sample(), head "
+            "frozen at its random init (released); off",
+        ),
+        # The default is the released term: the free-energy reading of the paper's figure has no lower
+        # bound (with the CE it sums to -z_y) and makes the logits diverge (docs/DIFFERENCES.md).
+        "energy": _k(
+            (str, bool),
+            "released",
+            choices=("paper", "released", False),
+            help="logsumexp over pixels of the target-class probabilities (released, default); per-pixel "
+            "free energy of the logits (paper figure's reading, unbounded); off",
+        ),
+        "count_ignored": _k(
+            bool, False, help="ignored pixels count in the unsupervised cross-entropy mean (released: true)"
+        ),
+        "lambda_u": _k(float, 1.0, low=0.0, help="weight of the two unsupervised cross-entropies"),
+        "weight_labeled": _k(float, 0.5, low=0.0, help="weight of each branch's E and AL on labeled images"),
+        "weight_unlabeled": _k(
+            float, 1.0, low=0.0, help="weight of each branch's E and AL on the CutMixed unlabeled images"
+        ),
+        "mc_samples": _k(int, 10, low=1, help="Monte-Carlo logit samples T of the aleatoric loss"),
+        "student_view": _k(
+            str,
+            "weak",
+            choices=("weak", "strong"),
+            help="the students see CutMixed weak views (released: CutMix the only perturbation) or "
+            "UniMatch's colour-jittered strong views",
+        ),
+    },
 }
 
 
