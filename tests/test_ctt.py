@@ -112,7 +112,7 @@ def test_per_class_sample_and_bank_candidates_match_loop():
             right = int(label[n]) == max(range(K), key=lambda k: values[k])
             assert bool(candidate[n]) == (right and max(values) >= thresh)
             assert float(score[n]) == pytest.approx(max(values), abs=1e-6)
-        index, chosen = L.per_class_sample(label, candidate, score, 2, K)
+        index, chosen = L.per_class_sample(L.of_class(label, K) & candidate, score, 2)
         for c in range(K):
             expected = sorted(
                 (n for n in range(N) if candidate[n] and label[n] == c), key=lambda n: -score[n]

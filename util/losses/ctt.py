@@ -75,17 +75,21 @@ def ct_loss(
 
 
 # ------------------------------------------------------------------------------------ per-class sets
-def per_class_sample(
-    labels: torch.Tensor, candidate: torch.Tensor, score: torch.Tensor, k: int, nclass: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every class, the k candidate pixels of that label with the highest score.
+def of_class(labels: torch.Tensor, nclass: int) -> torch.Tensor:
+    """(K, N) bool: pixel n has label k. labels (N,); labels outside [0, K) (255) belong to no class."""
+    return labels[None, :] == torch.arange(nclass, device=labels.device)[:, None]
 
-    labels, candidate (bool), score: (N,). With uniform draws as scores this is a uniform sample without
+
+def per_class_sample(
+    candidates: torch.Tensor, score: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every class, its k candidate pixels with the highest score.
+
+    candidates (K, N) bool, score (N,). With uniform draws as scores this is a uniform sample without
     replacement. Returns index (K, k') into the N pixels and chosen (K, k') bool, k' = min(k, N); a class
     with fewer candidates has its first positions chosen.
     """
-    classes = labels[None, :] == torch.arange(nclass, device=labels.device)[:, None]  # (K, N)
-    return select_by_similarity(score.expand(nclass, -1), classes & candidate, k, True)
+    return select_by_similarity(score.expand(candidates.shape[0], -1), candidates, k, True)
 
 
 def bank_candidates(
