@@ -36,17 +36,16 @@ class MLCL(UniMatch):
 
     need_feature = True
 
-    def __init__(self, model, cfg, criterion_l):
-        super().__init__(model, cfg, criterion_l)
+    def __init__(self, cfg, criterion_l, device):
+        super().__init__(cfg, criterion_l, device)
         self.mcfg = cfg["mlcl"]
-        device = next(model.parameters()).device
         # One prototype per class of the dataset, in the head's feature width (encoder and decoder alike).
         self.prototypes = PrototypeMemory(cfg["nclass"], cfg["head_channels"], device)
 
     @property
     def net(self):
         """The model without its DDP wrapper, for the decoder/classifier entry points."""
-        return getattr(self.model, "module", self.model)
+        return self.unwrapped("model")
 
     def step(self, batch: dict) -> tuple[dict, dict]:
         p = self.predict(batch)

@@ -20,15 +20,16 @@ from PIL import Image
 
 from dataset.classes import class_names, palette
 from dataset.semi import SemiDataset
+from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup, init_distributed
-from util.engine import AMP_DTYPES, prepare_demo_data
+from util.engine import AMP_DTYPES, EXIT_BAD_INPUT, prepare_demo_data
 from util.metrics import ShardSampler, evaluate, format_iou_table
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def parse_args(argv=None):
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
     except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         cleanup()
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
 
     loader = torch.utils.data.DataLoader(val, batch_size=1, sampler=ShardSampler(val), num_workers=2)
     mode = args.mode or cfg["eval_mode"]
@@ -102,6 +103,8 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     if dist_info.is_main:
         where = f" (iteration {state['iteration']})" if "iteration" in state else ""
+        if "network" in state:
+            where += f", network '{state['network']}'"
         print(f"{args.checkpoint}{where} on {cfg['val_id_path']}: {len(val)} images, mode {mode}, "
               f"flip {flip}, scales {list(scales)}")  # fmt: skip
         print(format_iou_table(result["iou"], class_names(cfg["dataset"], cfg["nclass"])))

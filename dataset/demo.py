@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dataset.classes import DEMO_CLASSES, palette
+from util.files import write_atomic
 
 MARKER = ".complete"
 
@@ -159,13 +160,6 @@ def demo_params(**kwargs):
 def write_split(path, names):
     lines = [f"JPEGImages/{name}.jpg SegmentationClass/{name}.png\n" for name in names]
     write_atomic(path, "".join(lines))
-
-
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def render_sample(

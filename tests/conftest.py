@@ -9,3 +9,11 @@ def tiny_config(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(root=tmp_path))
     return str(path)
+
+
+def make_method(method_cls, model, cfg, criterion):
+    """A method around one given network, without a Trainer (as the engine would attach it)."""
+    device = next(model.parameters()).device
+    method = method_cls(cfg, criterion, device)
+    method.attach({"model": model}, {"model": model})
+    return method

@@ -133,10 +133,13 @@ def main():
     run(trainer)
     if args.dump_weights:
         os.makedirs(args.dump_weights, exist_ok=True)
-        torch.save(
-            trainer.model_without_ddp.state_dict(),
-            os.path.join(args.dump_weights, f"rank{rank}.pt"),
+        nets = trainer.networks.all
+        state = (
+            trainer.model_without_ddp.state_dict()
+            if len(nets) == 1
+            else {f"{name}.{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
         )
+        torch.save(state, os.path.join(args.dump_weights, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

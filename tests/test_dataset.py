@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from dataset import transforms as T
 from dataset.semi import SemiDataset
@@ -212,6 +212,20 @@ def test_normalize():
     assert out.shape == (3, 4, 5) and out.dtype == torch.float32
     assert torch.allclose(out, ((1 - MEAN) / STD).expand(3, 4, 5))
     assert mask.dtype == torch.int64 and type(mask) is torch.Tensor and type(out) is torch.Tensor
+
+
+def test_blur_is_pils_gaussian_blur_with_a_torch_drawn_sigma():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 20, 3), dtype=np.uint8))
+    blur = T.RandomGaussianBlur(p=1.0, sigma=(0.1, 2.0))
+    torch.manual_seed(3)
+    out = blur(img)
+    torch.manual_seed(3)
+    torch.rand(1)
+    sigma = torch.empty(1).uniform_(0.1, 2.0).item()
+    assert isinstance(out, Image.Image) and out.size == img.size
+    assert np.array_equal(np.asarray(out), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=sigma))))
+    assert not np.array_equal(np.asarray(out), np.asarray(img))
+    assert T.RandomGaussianBlur(p=0.0)(img) is img
 
 
 # ---------------------------------------------------------------------------

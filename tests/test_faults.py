@@ -138,7 +138,7 @@ def test_max_nonfinite_steps_is_validated(tmp_path):
 
     config = write_config(str(tmp_path))
     assert load_config(config)["max_nonfinite_steps"] == 5
-    with pytest.raises(ConfigError, match="'max_nonfinite_steps' must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"'max_nonfinite_steps' must lie in \[1, inf\], got 0"):
         load_config(config, ["max_nonfinite_steps=0"])
 
 
@@ -298,7 +298,7 @@ def test_nan_gradient_skips_the_step_and_restores_batchnorm_statistics(data, tmp
     config = write_config(str(tmp_path))
     trainer = Trainer(UniMatch, load_config(config, ["max_iters=3"]), str(tmp_path / "run"))
     try:
-        batches = trainer._batches(0, 0)
+        batches = trainer.batches(0, 0)
         trainer.train_step(next(batches))  # a good step: momentum buffers exist
         trainer.iteration = 1
         before = {k: v.clone() for k, v in trainer.model_without_ddp.state_dict().items()}
@@ -317,11 +317,11 @@ def test_nan_gradient_skips_the_step_and_restores_batchnorm_statistics(data, tmp
         assert same_weights(before, after), "a skipped step changed weights or BatchNorm statistics"
         states = trainer.optimizer.state.values()
         assert all(torch.equal(m, s["momentum_buffer"]) for m, s in zip(momentum, states))
-        assert (trainer.nonfinite_steps, trainer.nonfinite_streak) == (1, 1)
-        assert trainer.nonfinite_last == "gradients"
+        assert (trainer.guard.steps, trainer.guard.streak) == (1, 1)
+        assert trainer.guard.last == "gradients"
         trainer.method.step = step
         trainer.train_step(next(batches))
-        assert trainer.nonfinite_streak == 0 and trainer.nonfinite_steps == 1
+        assert trainer.guard.streak == 0 and trainer.guard.steps == 1
 
         # Huge but finite gradients overflow the fast L2 check; the exact one lets the step through.
         def huge_gradient(batch):
@@ -330,12 +330,12 @@ def test_nan_gradient_skips_the_step_and_restores_batchnorm_statistics(data, tmp
             return losses, stats
 
         trainer.method.step = huge_gradient
-        exact = trainer._gradients_nonfinite
+        exact = trainer.guard.gradients_nonfinite
         checks = []
-        trainer._gradients_nonfinite = lambda: checks.append(exact()) or checks[-1]
+        trainer.guard.gradients_nonfinite = lambda: checks.append(exact()) or checks[-1]
         before = {k: v.clone() for k, v in trainer.model_without_ddp.state_dict().items()}
         trainer.train_step(next(batches))
-        assert checks == [False] and trainer.nonfinite_steps == 1
+        assert checks == [False] and trainer.guard.steps == 1
         assert not same_weights(before, trainer.model_without_ddp.state_dict())
     finally:
         torch.use_deterministic_algorithms(False)
@@ -460,7 +460,7 @@ def test_skipped_step_puts_back_the_method_state(data, tmp_path):
     config = write_config(str(tmp_path))
     trainer = Trainer(MLCL, load_config(config, ["max_iters=3", "mlcl.anchor_thresh=0"]), None)
     try:
-        batches = trainer._batches(0, 0)
+        batches = trainer.batches(0, 0)
         trainer.train_step(next(batches))  # a good step initialises the prototypes
         before = {k: v.clone() for k, v in trainer.method.prototypes.state_dict().items()}
         assert before["initialised"].any()
@@ -474,7 +474,7 @@ def test_skipped_step_puts_back_the_method_state(data, tmp_path):
         trainer.method.step = nan_loss
         trainer.iteration = 1
         trainer.train_step(next(batches))
-        assert trainer.nonfinite_steps == 1
+        assert trainer.guard.steps == 1
         after = trainer.method.prototypes.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step moved the memory"
         trainer.method.step = step

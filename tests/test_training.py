@@ -118,7 +118,7 @@ def test_bad_inputs_stop_with_a_message(tiny_config, tmp_path):
     run([*train, "max_iters=3"])
     out = run([sys.executable, "eval.py", "--config", tiny_config, "--checkpoint", str(save / "best.pth"),
                "backbone_width=16"], expect=2)  # fmt: skip
-    assert "does not fit this model" in out and "shape mismatch" in out
+    assert "does not fit this model" in out and "size mismatch for backbone.conv1.weight" in out
     # A mask with a value outside the classes stops training with the file's name; best.pth survives.
     before = (save / "best.pth").read_bytes()
     from PIL import Image

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import make_method
 from tests.test_training import TINY, run, weights
 from tests.test_unimatch_step import make_batch
 from UCCL import UCCL
@@ -212,7 +213,7 @@ def test_step_adds_both_terms_with_no_extra_forward(switches, forwards):
     model = tiny_model()
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    method = UCCL(model, uccl_cfg(**switches), cross_entropy)
+    method = make_method(UCCL, model, uccl_cfg(**switches), cross_entropy)
     losses, _ = method.step(make_batch(B=2, H=33, W=33, K=3))
     assert set(losses) == {"x", "s1", "s2", "fp", "sbu", "ckr"}
     assert all(torch.isfinite(v) for v in losses.values()) and losses["ckr"] > 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import make_method
 from unimatch import UniMatch, cutmix, sample_to_grid
 from util.losses import cross_entropy
 
@@ -64,7 +65,7 @@ def test_unimatch_loss_equals_hand_computation(thresh):
     with torch.no_grad():
         model.conv.weight.mul_(4)  # spread the confidences over (0, 1)
     cfg = {"conf_thresh": thresh}
-    method = UniMatch(model, cfg, cross_entropy)
+    method = make_method(UniMatch, model, cfg, cross_entropy)
     batch = make_batch(K=K)
     losses, stats = method.step(batch)
 
@@ -121,7 +122,7 @@ def test_unimatch_loss_equals_hand_computation(thresh):
 def test_unimatch_gradients_skip_pseudo_labels():
     """Pseudo-labels are detached: the loss gradient equals the gradient with constant targets."""
     model = PointwiseModel(3)
-    method = UniMatch(model, {"conf_thresh": 0.0}, cross_entropy)
+    method = make_method(UniMatch, model, {"conf_thresh": 0.0}, cross_entropy)
     losses, _ = method.step(make_batch())
     sum(losses.values()).backward()
     assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
@@ -147,7 +148,7 @@ def test_predict_features_and_weak_view_of_cutmixed_content():
 
     torch.manual_seed(0)
     model = DeepLabV3Plus("resnet18", nclass=3, dilations=(1, 2, 3), width=8, head_channels=16)
-    method = UniMatch(model, {"conf_thresh": 0.5}, cross_entropy)
+    method = make_method(UniMatch, model, {"conf_thresh": 0.5}, cross_entropy)
     method.need_feature = True
     batch = make_batch(B=2, H=33, W=33, K=3)
     p = method.predict(batch)

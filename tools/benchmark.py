@@ -45,12 +45,13 @@ def benchmark(method_cls, cfg: dict, iters: int, warmup: int) -> dict:
     trainer = Trainer(method_cls, cfg, save_path=None)
     batches = []
     while len(batches) < warmup + iters:
-        for batch in trainer._batches(epoch=len(batches), start_batch=0):
+        for batch in trainer.batches(epoch=len(batches), start_batch=0):
             batches.append(batch)
             if len(batches) == warmup + iters:
                 break
     device = trainer.device
-    trainer.model.train()
+    for net in trainer.trained_wrapped:
+        net.train()
     for batch in batches[:warmup]:
         trainer.train_step(batch)
     if device.type == "cuda":

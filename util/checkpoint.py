@@ -13,6 +13,8 @@ import zipfile
 
 import torch
 
+from util.files import write_atomic
+
 # What a training checkpoint (latest.pth / previous.pth) must hold to resume from it.
 TRAINING_KEYS = (
     "model",
@@ -35,20 +37,6 @@ class SaveError(OSError):
     """A checkpoint could not be written (disk full, file too large, folder gone or read-only)."""
 
 
-def _fsync_dir(folder: str) -> None:
-    """Make renames inside `folder` durable; not every platform or filesystem allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save(obj, f) -> None:
     """torch.save, with the OS error of a failed write as the exception (disk full, file too large).
 
@@ -67,35 +55,8 @@ def _save(obj, f) -> None:
 
 
 def save_atomic(obj, path: str, previous: str | None = None) -> None:
-    """Write `obj` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
-
-    With `previous`, the file `path` held until now is kept under that name: it is hard-linked there
-    before the rename, so at every moment `path` is a complete file (where hard links are not available
-    it is renamed instead, and for an instant only `previous` exists). A crash or an error during the
-    write leaves `path` and `previous` untouched and removes the temporary file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            _save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if previous is not None and os.path.isfile(path):
-            keep = f"{previous}.tmp.{os.getpid()}"
-            try:
-                os.link(path, keep)
-                os.replace(keep, previous)
-            except OSError:
-                if os.path.exists(keep):
-                    os.remove(keep)
-                os.replace(path, previous)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
+    """torch.save `obj` to `path` atomically, keeping the file it replaces as `previous` (util.files)."""
+    write_atomic(path, lambda f: _save(obj, f), previous)
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
@@ -208,20 +169,10 @@ def model_state(ckpt: dict) -> dict:
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: str) -> None:
-    """Strict load that names every missing, unexpected or mis-shaped tensor."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if hasattr(state[k], "shape") and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = [f"checkpoint {path} does not fit this model (another backbone, width or nclass?)"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                parts.append(f"{title}: {shown}")
-        raise CheckpointError("\n  ".join(parts))
-    model.load_state_dict(state, strict=True)
+    """Strict load; torch's own report names every missing, unexpected or mis-shaped tensor."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (another backbone, width or nclass?): {err}"
+        ) from err

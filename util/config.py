@@ -25,8 +25,10 @@ class Key:
     optional: bool = False  # None is a valid value
     item_type: type | None = None  # element type for lists
     length: int | None = None  # exact list length
-    low: float | None = None  # inclusive bounds of a number
+    low: float | None = None  # inclusive bounds of a number (of each item, for a list)
     high: float | None = None
+    above: float | None = None  # exclusive lower bound (lr > 0)
+    min_length: int = 0  # fewest items of a list
     help: str = ""
 
 
@@ -38,8 +40,8 @@ SCHEMA: dict[str, Any] = {
     # --- data ---
     "dataset": _k(str, help="pascal | cityscapes | coco | demo | any name for a custom dataset"),
     "data_root": _k(str, help="folder the split files' paths are relative to"),
-    "nclass": _k(int),
-    "crop_size": _k(int),
+    "nclass": _k(int, low=1, high=254, help="classes; 255 is the ignore label"),
+    "crop_size": _k(int, low=1),
     "labeled_id_path": _k(str, optional=True),
     "unlabeled_id_path": _k(str, optional=True),
     "val_id_path": _k(str),
@@ -56,36 +58,36 @@ SCHEMA: dict[str, Any] = {
     "output_stride": _k(int, 16, choices=(8, 16)),
     "dilations": _k(list, [6, 12, 18], item_type=int, length=3),
     "pretrained": _k(str, None, optional=True, help="ImageNet backbone weights (torchvision or deep-stem)"),
-    "backbone_width": _k(int, 64, help="ResNet base width; only 64 fits pretrained weights"),
-    "head_channels": _k(int, 256),
+    "backbone_width": _k(int, 64, low=1, help="ResNet base width; only 64 fits pretrained weights"),
+    "head_channels": _k(int, 256, low=1),
     # --- optimisation ---
-    "epochs": _k(int),
-    "max_iters": _k(int, None, optional=True, help="stop after this many iterations (overrides epochs)"),
-    "batch_size": _k(int, help="per process, for the labeled and the unlabeled loader each"),
-    "lr": _k(float),
-    "lr_multi": _k(float, 10.0, help="learning-rate factor of the head (everything but the backbone)"),
-    "momentum": _k(float, 0.9),
-    "weight_decay": _k(float, 1e-4),
-    "poly_power": _k(float, 0.9),
+    "epochs": _k(int, low=1),
+    "max_iters": _k(int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"),
+    "batch_size": _k(int, low=1, help="per process, for the labeled and the unlabeled loader each"),
+    "lr": _k(float, above=0.0),
+    "lr_multi": _k(float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"),
+    "momentum": _k(float, 0.9, low=0, high=1),
+    "weight_decay": _k(float, 1e-4, low=0),
+    "poly_power": _k(float, 0.9, low=0),
     "criterion": _k(str, "CELoss", choices=("CELoss", "OHEM")),
-    "ohem_thresh": _k(float, 0.7),
-    "ohem_min_kept": _k(int, 200000),
-    "conf_thresh": _k(float, 0.95),
+    "ohem_thresh": _k(float, 0.7, low=0, high=1),
+    "ohem_min_kept": _k(int, 200000, low=0),
+    "conf_thresh": _k(float, 0.95, low=0, high=1),
     # --- runtime ---
     "amp": _k(str, "none", choices=("none", "bf16", "fp16")),
     "seed": _k(int, 0),
     "deterministic": _k(bool, False, help="deterministic kernels (slower); bit-exact resume on the CPU"),
-    "num_workers": _k(int, 2),
-    "eval_interval": _k(int, 0, help="evaluate every N iterations; 0 = at the end of every epoch"),
-    "save_interval": _k(int, 0, help="write latest.pth every N iterations; 0 = only at evaluations"),
-    "log_interval": _k(int, 20),
+    "num_workers": _k(int, 2, low=0),
+    "eval_interval": _k(int, 0, low=0, help="evaluate every N iterations; 0 = at the end of every epoch"),
+    "save_interval": _k(int, 0, low=0, help="write latest.pth every N iterations; 0 = only at evaluations"),
+    "log_interval": _k(int, 20, low=1),
     "max_nonfinite_steps": _k(
-        int, 5, help="stop after this many optimizer steps in a row with a NaN/Inf loss or gradient"
+        int, 5, low=1, help="stop after this many optimizer steps in a row with a NaN/Inf loss or gradient"
     ),
     # --- evaluation ---
     "eval_mode": _k(str, "original", choices=("original", "center_crop", "sliding_window")),
     "eval_flip": _k(bool, False),
-    "eval_scales": _k(list, [1.0], item_type=float),
+    "eval_scales": _k(list, [1.0], item_type=float, above=0.0, min_length=1),
     # --- demo data (used when dataset is 'demo': generated in data_root on first use) ---
     "demo": {
         "num_train": _k(int, 1000),
@@ -117,7 +119,7 @@ SCHEMA: dict[str, Any] = {
             help="weak view of the CutMixed content: pasted from existing passes, or its own forward",
         ),
     },
-    # --- MLCL (MLCL.py; spec section 2). Defaults: the paper's method, published values. The released
+    # --- MLCL (MLCL.py). Defaults: the paper's method, published values. The released
     # code's behaviour is one switch away: see docs/DIFFERENCES.md for the full list. ---
     "mlcl": {
         "fka_feature": _k(
@@ -317,11 +319,7 @@ def validate(cfg: dict, source: str, schema=SCHEMA, prefix: str = "") -> dict:
                 isinstance(v, item_types) and not isinstance(v, bool) for v in value
             ):
                 raise ConfigError(f"{source}: key '{full}' must be a list of {spec.item_type.__name__}")
-        if value is not None and not isinstance(value, (list, str, bool)):
-            if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
-                low = "-inf" if spec.low is None else spec.low
-                high = "inf" if spec.high is None else spec.high
-                raise ConfigError(f"{source}: key '{full}' must lie in [{low}, {high}], got {value!r}")
+        _check_bounds(value, spec, full, source)
         if spec.choices is not None and value not in spec.choices:
             raise ConfigError(f"{source}: key '{full}' must be one of {list(spec.choices)}, got {value!r}")
         out[name] = float(value) if float in spec.types and isinstance(value, int) else value
@@ -335,6 +333,22 @@ def validate(cfg: dict, source: str, schema=SCHEMA, prefix: str = "") -> dict:
         else:
             out[name] = _copy(spec.default)
     return out
+
+
+def _check_bounds(value, spec: Key, full: str, source: str) -> None:
+    """The schema's bounds, for a number or for each item of a list."""
+    if isinstance(value, list) and len(value) < spec.min_length:
+        raise ConfigError(f"{source}: key '{full}' needs at least {spec.min_length} item(s), got {value!r}")
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if item is None or isinstance(item, (str, bool)):
+            continue
+        if spec.above is not None and not item > spec.above:
+            raise ConfigError(f"{source}: key '{full}' must be > {spec.above:g}, got {value!r}")
+        if (spec.low is not None and item < spec.low) or (spec.high is not None and item > spec.high):
+            low = "-inf" if spec.low is None else spec.low
+            high = "inf" if spec.high is None else spec.high
+            raise ConfigError(f"{source}: key '{full}' must lie in [{low}, {high}], got {value!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -375,29 +389,9 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
 
 
 def check_values(cfg: dict, source: str) -> None:
-    """Ranges and relations between keys that a type check cannot express."""
-    positive = ["nclass", "crop_size", "epochs", "batch_size", "head_channels", "backbone_width"]
-    for key in positive:
-        if cfg[key] <= 0:
-            raise ConfigError(f"{source}: key '{key}' must be positive, got {cfg[key]}")
-    if cfg["max_iters"] is not None and cfg["max_iters"] <= 0:
-        raise ConfigError(f"{source}: key 'max_iters' must be positive or null, got {cfg['max_iters']}")
-    if not 0.0 <= cfg["conf_thresh"] <= 1.0:
-        raise ConfigError(f"{source}: key 'conf_thresh' must lie in [0, 1], got {cfg['conf_thresh']}")
-    if cfg["lr"] <= 0:
-        raise ConfigError(f"{source}: key 'lr' must be positive, got {cfg['lr']}")
-    if cfg["max_nonfinite_steps"] < 1:
-        raise ConfigError(
-            f"{source}: key 'max_nonfinite_steps' must be >= 1, got {cfg['max_nonfinite_steps']}"
-        )
-    if cfg["num_workers"] < 0:
-        raise ConfigError(f"{source}: key 'num_workers' must be >= 0, got {cfg['num_workers']}")
+    """Relations between keys, which the schema's per-key bounds cannot express."""
     if cfg["deep_stem"] and cfg["backbone"] in ("resnet18", "resnet34"):
         raise ConfigError(f"{source}: key 'deep_stem' is only available for resnet50/resnet101")
-    if cfg["nclass"] > 255:
-        raise ConfigError(f"{source}: key 'nclass' must be at most 255 (255 is the ignore label)")
-    if not cfg["eval_scales"] or any(s <= 0 for s in cfg["eval_scales"]):
-        raise ConfigError(f"{source}: key 'eval_scales' must be a non-empty list of positive numbers")
 
 
 def check_paths(cfg: dict, source: str, need_unlabeled: bool) -> None:
@@ -419,3 +413,15 @@ def check_paths(cfg: dict, source: str, need_unlabeled: bool) -> None:
             raise ConfigError(f"{source}: key '{key}' names a path that does not exist: {value}")
     if cfg["pretrained"] is not None and not os.path.isfile(cfg["pretrained"]):
         raise ConfigError(f"{source}: key 'pretrained' names a file that does not exist: {cfg['pretrained']}")
+
+
+if __name__ == "__main__":
+    # python -m util.config configs/pascal.yaml [key=value ...]: the resolved config, every default included
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m util.config CONFIG [key=value ...]")
+    try:
+        print(yaml.safe_dump(load_config(sys.argv[1], sys.argv[2:]), sort_keys=False), end="")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")

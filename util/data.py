@@ -11,7 +11,9 @@ import random
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from dataset.semi import SemiDataset
 from util.dist import get_rank, get_world_size
+from util.metrics import ShardSampler
 
 
 def _mix(*parts) -> int:
@@ -110,3 +112,59 @@ def train_loader(
         generator=torch.Generator(),
     )
     return loader, sampler
+
+
+def count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+class TrainingData:
+    """The training streams (labeled; unlabeled and mix when a method uses them) and the validation loader.
+
+    `batches(epoch, start_batch)` yields {'labeled': ..., 'unlabeled': ..., 'mix': ...} for one epoch from
+    `start_batch` on, the same batches an uninterrupted run sees there.
+    """
+
+    def __init__(self, cfg: dict, uses_unlabeled: bool, pin_memory: bool):
+        root, crop, bs, workers, seed = (
+            cfg["data_root"], cfg["crop_size"], cfg["batch_size"], cfg["num_workers"], cfg["seed"],
+        )  # fmt: skip
+        common = dict(nclass=cfg["nclass"], allow_outside_root=cfg["allow_outside_data_root"])
+        # The labeled list is repeated to the length of the unlabeled one (as in UniMatch), so an epoch is
+        # one pass over the unlabeled images for every method, the supervised baseline included.
+        num_unlabeled = count_lines(cfg["unlabeled_id_path"]) if cfg["unlabeled_id_path"] else None
+        labeled = SemiDataset(
+            root, "train_l", cfg["labeled_id_path"], crop_size=crop, nsample=num_unlabeled, **common
+        )
+        loader_l, sampler_l = train_loader(labeled, bs, seed, _mix(seed, "labeled"), workers, pin_memory)
+        self.loaders, self.samplers = [loader_l], [sampler_l]
+        if uses_unlabeled:
+            unlabeled = SemiDataset(root, "train_u", cfg["unlabeled_id_path"], crop_size=crop, **common)
+            # The mix stream goes through the same images in the same order with other augmentations
+            # (UniMatch as released), or through another order ('other_image').
+            mix_order = seed if cfg["mix_partner"] == "same_image" else _mix(seed, "mix-order")
+            loader_u, sampler_u = train_loader(
+                unlabeled, bs, seed, _mix(seed, "unlabeled"), workers, pin_memory
+            )
+            loader_m, sampler_m = train_loader(
+                unlabeled, bs, mix_order, _mix(seed, "mix"), workers, pin_memory
+            )
+            self.loaders += [loader_u, loader_m]
+            self.samplers += [sampler_u, sampler_m]
+        self.iters_per_epoch = min(s.batches_per_epoch for s in self.samplers)
+        val = SemiDataset(root, "val", cfg["val_id_path"], **common)
+        self.val_loader = DataLoader(
+            val,
+            batch_size=1,
+            sampler=ShardSampler(val),
+            num_workers=min(workers, 2),
+            pin_memory=pin_memory,
+            generator=torch.Generator(),  # keeps the global RNG where training left it
+        )
+
+    def batches(self, epoch: int, start_batch: int = 0):
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch, start_batch)
+        for parts in zip(*self.loaders):
+            yield dict(zip(("labeled", "unlabeled", "mix"), parts))

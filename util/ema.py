@@ -1,0 +1,64 @@
+"""EMA teachers: a network whose weights are an exponential moving average of a student's."""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMATeacher(nn.Module):
+    """theta_T <- alpha_t theta_T + (1 - alpha_t) theta_S with alpha_t = min(1 - 1/(t+1), decay), t the number
+    of updates so far: the first update copies the student, and early updates follow it closely (the mean-
+    teacher warm-up that CTT uses). `teacher(x)` runs the averaged network; `teacher.module` is that network.
+
+    buffers='ema' averages BatchNorm running statistics the same way (integer buffers are copied);
+    buffers='own' leaves them to the teacher's own train-mode forwards, as some released code does.
+
+    Why not torch.optim.swa_utils.AveragedModel: its update tests `n_averaged == 0` on a device tensor (a
+    host sync per step on a GPU), and without use_buffers it copies the student's BN statistics into the
+    teacher, which is neither of the two behaviours above. The update count is plain state here.
+    """
+
+    def __init__(self, student: nn.Module, decay: float, buffers: str = "ema"):
+        super().__init__()
+        if buffers not in ("ema", "own"):
+            raise ValueError(f"buffers must be 'ema' or 'own', got {buffers!r}")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+        self.module = copy.deepcopy(student)
+        self.module.requires_grad_(False)
+        self.decay = decay
+        self.buffers_mode = buffers
+        self.updates = 0
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def alpha(self) -> float:
+        return min(1.0 - 1.0 / (self.updates + 1), self.decay)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        weight = 1.0 - self.alpha()  # lerp: T + w (S - T); w = 1 at the first update gives S exactly
+        torch._foreach_lerp_(
+            list(self.module.parameters()), [p.detach() for p in student.parameters()], weight
+        )
+        if self.buffers_mode == "ema":
+            for own, theirs in zip(self.module.buffers(), student.buffers()):
+                if own.is_floating_point():
+                    own.lerp_(theirs, weight)
+                else:
+                    own.copy_(theirs)
+        self.updates += 1
+
+    def get_extra_state(self) -> dict:
+        return {"updates": self.updates}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+
+
+def ema_teacher(student: nn.Module, decay: float, buffers: str = "ema") -> EMATeacher:
+    """An EMA teacher of `student` (the plain module, not its DDP wrapper); call `teacher.update(student)`
+    after each optimizer step that was taken (Method.after_optimizer_step)."""
+    return EMATeacher(student, decay, buffers)

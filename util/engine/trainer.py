@@ -1,0 +1,468 @@
+"""The training loop, written once: the method's networks wrapped and optimised, its step taken, guarded,
+logged, evaluated and checkpointed."""
+
+import logging
+import os
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from dataset.classes import class_names
+from util import checkpoint as ckpt
+from util.config import ConfigError, check_paths
+from util.data import TrainingData
+from util.dist import barrier, broadcast_object, init_distributed, is_dist
+from util.engine.guard import NonFiniteError, NonFiniteGuard
+from util.engine.method import Method
+from util.engine.rng import rng_state, seed_everything, set_rng_state
+from util.engine.saving import Saver
+from util.losses import build_labeled_criterion
+from util.metrics import evaluate, format_iou_table
+
+logger = logging.getLogger("semiseg")
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float) -> float:
+    """UniMatch's poly schedule: it updates the lr after each optimizer step, so step 0 uses the base lr
+    and step t >= 1 uses base * (1 - (t - 1) / total) ** power."""
+    if iteration == 0:
+        return base_lr
+    return base_lr * (1 - (iteration - 1) / total_iters) ** power
+
+
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def setup_logging(save_path: str | None, is_main: bool) -> None:
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if save_path is not None and is_main:
+        handlers.append(logging.FileHandler(os.path.join(save_path, "train.log")))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+
+
+def prepare_save_path(save_path: str) -> None:
+    """Create the output folder and prove it is writable before any training happens."""
+    try:
+        os.makedirs(save_path, exist_ok=True)
+        probe = os.path.join(save_path, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"cannot write to save path {save_path}: {err.strerror or err}") from err
+
+
+def prepare_demo_data(cfg: dict) -> None:
+    """The demo dataset is generated on first use (by rank 0, while the others wait)."""
+    if cfg["dataset"] == "demo":
+        from dataset.demo import ensure_demo
+
+        ensure_demo(cfg["data_root"], **cfg["demo"])
+
+
+def batchnorm_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [
+        buf
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for buf in (m.running_mean, m.running_var)
+    ]
+
+
+class Trainer:
+    def __init__(self, method_cls: type[Method], cfg: dict, save_path: str | None, source: str = "config"):
+        self.dist = init_distributed()
+        self.cfg, self.save_path, self.device = cfg, save_path, self.dist.device
+        self._prepare_outputs(source, method_cls.uses_unlabeled)
+        setup_logging(save_path, self.dist.is_main)
+        seed_everything(cfg["seed"] + self.dist.rank, cfg["deterministic"])
+
+        self.method = method_cls(cfg, build_labeled_criterion(cfg), self.device)
+        self.networks = self.method.networks()
+        self._wrap_networks()
+        groups = [
+            {**group, "lr": cfg["lr"] * group["lr_scale"]}
+            for name, net in self.networks.trained.items()
+            for group in self.method.param_groups(name, net)
+        ]
+        self.optimizer = torch.optim.SGD(
+            groups, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+        )
+        self.amp_dtype = AMP_DTYPES[cfg["amp"]]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
+
+        self.data = TrainingData(cfg, method_cls.uses_unlabeled, pin_memory=self.device.type == "cuda")
+        self.iters_per_epoch = self.data.iters_per_epoch
+        self.total_iters = cfg["max_iters"] or cfg["epochs"] * self.iters_per_epoch
+        self.method.total_iters = self.total_iters
+        self.iteration = 0
+        self.best_miou, self.best_iteration = -1.0, 0  # the first evaluation always writes best.pth
+        self.scaler_skips = 0  # fp16 steps the GradScaler skipped for an overflow (its normal business)
+        self.train_seconds = 0.0  # wall-clock spent in training steps (evaluations excluded)
+        self.start_iteration = 0  # where this process started (after a resume)
+        self.writer = None
+        nets = self.networks.all.values()
+        self.guard = NonFiniteGuard(
+            params=[p for group in groups for p in group["params"]],
+            buffers=[b for net in nets for b in net.buffers()],
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.saver = Saver(save_path, self.dist.is_main)
+
+    def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
+        # Rank 0 prepares the output folder and the demo data; every rank stops on its error, or the
+        # others would wait forever at the next collective.
+        error = None
+        if self.dist.is_main:
+            try:
+                if self.save_path is not None:
+                    prepare_save_path(self.save_path)
+                prepare_demo_data(self.cfg)
+            except (ConfigError, OSError, ValueError) as err:
+                error = str(err)
+        error = broadcast_object(error)
+        if error:
+            raise ConfigError(error)
+        check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
+
+    def _wrap_networks(self) -> None:
+        """Move every network to the device; DDP (and SyncBN on CUDA) around the trained ones; no gradient
+        for the frozen ones. The method sees the wrapped modules as attributes."""
+        nets = self.networks
+        sync_bn = self.dist.distributed and self.device.type == "cuda"
+        for group in (nets.trained, nets.frozen):
+            for name, net in group.items():
+                # SyncBN needs CUDA; it makes per-GPU batches of 2-4 behave like the global batch.
+                net = net.to(self.device)
+                group[name] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_bn else net
+        for net in nets.frozen.values():
+            net.requires_grad_(False)
+        wrapped = dict(nets.all)
+        if self.dist.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            for name, net in nets.trained.items():
+                wrapped[name] = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+        self.trained_wrapped = [wrapped[name] for name in nets.trained]
+        self.method.attach(wrapped, nets.all)
+
+    @property
+    def model_without_ddp(self) -> torch.nn.Module:
+        """The first trained network (the only one of single-network methods), without its DDP wrapper."""
+        return next(iter(self.networks.trained.values()))
+
+    def batches(self, epoch: int, start_batch: int = 0):
+        return self.data.batches(epoch, start_batch)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: dict) -> tuple[float, dict, dict]:
+        """One optimizer step on `batch`: (loss, {term: value}, {statistic: value}) as numbers."""
+        batch = to_device(batch, self.device)
+        lr = poly_lr(self.cfg["lr"], self.iteration, self.total_iters, self.cfg["poly_power"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        self.method.iteration = self.iteration
+        self.guard.before_step(self.method.state_dict())
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses, stats = self.method.step(batch)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # every rank runs backward, even on a NaN: DDP needs it
+
+        names = [*losses, "total"]
+        values = torch.stack([v.detach().float().reshape(()) for v in (*losses.values(), loss)])
+        stat_values = [
+            torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in stats.values()
+        ]
+        flags = self.guard.flags(values)
+        numbers = torch.cat(
+            (values, *[s.reshape(1) for s in stat_values], flags.flatten())
+        ).tolist()  # the one sync
+        width = len(names)
+        self._finish_step(names, numbers[width + len(stats) :])
+        terms = dict(zip(names[:-1], numbers[: width - 1]))
+        return numbers[width - 1], terms, dict(zip(stats, numbers[width : width + len(stats)]))
+
+    def _finish_step(self, names: list[str], flags: list[float]) -> None:
+        """Take the optimizer step, or skip it when a loss term or a gradient is non-finite on any rank."""
+        grad_bad, bad_terms = self.guard.verdict(names, flags)
+        if not grad_bad and not bad_terms:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.guard.passed()
+            self.method.after_optimizer_step()
+        elif not bad_terms and self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0:
+            # fp16 gradient overflow with a finite loss: the GradScaler skips the step and lowers the
+            # scale, as it always does. Only once the scale is below 1 is it counted as a fault.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scaler_skips += 1
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.skip(self.iteration, self.method, grad_bad, bad_terms, self.dist.is_main)
+
+    # ------------------------------------------------------------------ evaluation
+    def sync_batchnorm_stats(self) -> None:
+        """Average BN running statistics over ranks where SyncBN does not apply (CPU processes).
+
+        Parameters stay identical under DDP, but each rank's running mean/var follow its own batches;
+        averaging them before evaluating or saving keeps every rank's networks the same.
+        """
+        if not is_dist() or self.device.type == "cuda":
+            return
+        for net in self.networks.all.values():
+            for buf in batchnorm_buffers(net):
+                torch.distributed.all_reduce(buf)
+                buf.div_(self.dist.world_size)
+
+    def evaluate(self) -> dict[str, dict]:
+        """{network name: evaluation result} for every network the method evaluates; each network is left
+        in the mode (train or eval) it was in."""
+        cfg = self.cfg
+        self.sync_batchnorm_stats()
+        results = {}
+        for name in self.networks.evaluate:
+            net = self.networks.all[name]
+            was_training = net.training
+            results[name] = evaluate(
+                net, self.data.val_loader, cfg["nclass"], mode=cfg["eval_mode"], crop_size=cfg["crop_size"],
+                flip=cfg["eval_flip"], scales=tuple(cfg["eval_scales"]), device=self.device,
+                amp_dtype=self.amp_dtype,
+            )  # fmt: skip
+            net.train(was_training)
+        return results
+
+    def _eval_and_save(self) -> None:
+        results = self.evaluate()
+        # The run's score is the best deployable network's; best.pth holds that network.
+        deployed = max(self.networks.deploy, key=lambda name: results[name]["miou"])
+        miou = results[deployed]["miou"]
+        improved = miou > self.best_miou
+        if improved:
+            self.best_miou, self.best_iteration = miou, self.iteration
+        self._log_evaluation(results, deployed)
+        state = self.state_dict()
+        # best.pth first: a run killed between the two writes resumes from the older latest.pth,
+        # evaluates this iteration again and rewrites the same best.pth; the other order would lose it.
+        if improved:
+            weights = self.method.deploy_state(deployed, self.networks.all[deployed])
+            best = {
+                "model": weights,
+                "network": deployed,
+                "cfg": self.cfg,
+                "iteration": self.iteration,
+                "miou": miou,
+            }
+            self.saver.save("best.pth", best, self.iteration)
+        self._save_latest(state)
+        barrier()
+
+    def _log_evaluation(self, results: dict, deployed: str) -> None:
+        names = class_names(self.cfg["dataset"], self.cfg["nclass"])
+        several = len(results) > 1
+        best = f" (best {self.best_miou:.2f} at iter {self.best_iteration})"
+        for name, result in results.items():
+            label = f" {name}" if several else ""
+            logger.info(
+                f"iter {self.iteration}/{self.total_iters}:{label} val mIoU {result['miou']:.2f}"
+                + (best if name == deployed else "") + "\n" + format_iou_table(result["iou"], names)
+            )  # fmt: skip
+            if self.writer is not None:
+                prefix = f"eval_{name}" if several else "eval"
+                self.writer.add_scalar(f"{prefix}/mIoU", result["miou"], self.iteration)
+                for cls, iou in zip(names, result["iou"]):
+                    self.writer.add_scalar(f"{prefix}_class/{cls}", iou, self.iteration)
+        if self.writer is not None and several:
+            self.writer.add_scalar("eval/mIoU", results[deployed]["miou"], self.iteration)
+        seconds = self.train_seconds / max(self.iteration - self.start_iteration, 1)
+        self.saver.append_evals(
+            [{"iteration": self.iteration, "network": name, "miou": r["miou"], "iou": list(r["iou"]),
+              "seconds_per_iter": seconds} for name, r in results.items()],
+            self.iteration,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The whole training state; a collective (every rank's RNG state is gathered)."""
+        # CPU ranks keep their own BN running statistics; the checkpoint holds one copy of each network, so
+        # the ranks agree on it first (otherwise a resumed run restarts every rank from rank 0's statistics).
+        self.sync_batchnorm_stats()
+        deploy = self.networks.deploy[0]
+        return {
+            "networks": {name: net.state_dict() for name, net in self.networks.all.items()},
+            "model": self.method.deploy_state(deploy, self.networks.all[deploy]),  # for eval.py
+            "method_name": type(self.method).__name__,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "iteration": self.iteration,
+            "best_miou": self.best_miou,
+            "best_iteration": self.best_iteration,
+            "nonfinite_steps": self.guard.steps,
+            "scaler_skips": self.scaler_skips,
+            "world_size": self.dist.world_size,
+            "rng": self._gather_rng(),
+            "cfg": self.cfg,
+        }
+
+    def _gather_rng(self) -> list:
+        states = [None] * self.dist.world_size
+        if is_dist():
+            torch.distributed.all_gather_object(states, rng_state())
+        else:
+            states[0] = rng_state()
+        return states
+
+    def _save_latest(self, state: dict | None = None) -> None:
+        """latest.pth; not during a run of skipped steps, so that latest.pth keeps the state from before the
+        first of them (the final iteration is always saved: its weights are those of the last good step)."""
+        if self.guard.streak and self.iteration < self.total_iters:
+            if self.dist.is_main:
+                logger.warning(
+                    f"iteration {self.iteration}: latest.pth not updated while steps are non-finite "
+                    f"({self.guard.streak} in a row)"
+                )
+            return
+        self.saver.save_latest(state if state is not None else self.state_dict(), self.iteration)
+
+    def resume(self) -> bool:
+        """Continue from save_path/latest.pth (or previous.pth when latest.pth is unusable)."""
+        path, state = self.saver.find_resumable()
+        if path is None:
+            return False
+        try:
+            self.load_state_dict(state)
+        except ckpt.CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} does not fit this run: {type(err).__name__}: {err}"
+            ) from err
+        self.saver.saved_iteration = self.iteration
+        if self.dist.is_main:
+            self._warn_about_differences(state, path)
+        logger.info(f"resumed from {path} at iteration {self.iteration}/{self.total_iters}")
+        return True
+
+    def load_state_dict(self, state: dict) -> None:
+        networks = state.get("networks") or {"model": state["model"]}  # checkpoints before named networks
+        ours = sorted(self.networks.all)
+        if sorted(networks) != ours:
+            raise ckpt.CheckpointError(
+                f"the checkpoint holds networks {sorted(networks)}; this method has {ours}"
+            )
+        for name, net in self.networks.all.items():
+            ckpt.load_model_weights(net, networks[name], f"network '{name}'")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        if state["world_size"] == self.dist.world_size:
+            set_rng_state(state["rng"][self.dist.rank])
+        self.iteration = state["iteration"]
+        self.best_miou, self.best_iteration = state["best_miou"], state["best_iteration"]
+        self.guard.steps = state.get("nonfinite_steps", 0)
+        self.scaler_skips = state.get("scaler_skips", 0)
+
+    def _warn_about_differences(self, state: dict, path: str) -> None:
+        if state["world_size"] != self.dist.world_size:
+            logger.warning(
+                f"{path} was written by {state['world_size']} process(es), this run has "
+                f"{self.dist.world_size}: random states are not restored and the data order changes, "
+                "so the run continues but is not identical to an uninterrupted one"
+            )
+        if isinstance(state.get("cfg"), dict):
+            changed = sorted(k for k in self.cfg if k in state["cfg"] and state["cfg"][k] != self.cfg[k])
+            if changed:
+                logger.warning(
+                    f"the config differs from the one {path} was trained with: "
+                    + ", ".join(f"{k}: {state['cfg'][k]!r} -> {self.cfg[k]!r}" for k in changed)
+                )
+
+    # ------------------------------------------------------------------ the loop
+    def _log(self, loss: float, terms: dict, stats: dict) -> None:
+        if self.writer is None:
+            return
+        it = self.iteration
+        self.writer.add_scalar("train/loss", loss, it)
+        for name, value in {**terms, **stats}.items():
+            self.writer.add_scalar(f"train/{name}", value, it)
+        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], it)
+        self.writer.add_scalar("train/nonfinite_steps", self.guard.steps, it)
+
+    def _after_step(self, loss: float, terms: dict, stats: dict, bar) -> None:
+        """Stop on a run of non-finite steps; log; evaluate and save when due."""
+        cfg, it = self.cfg, self.iteration
+        if self.guard.streak >= cfg["max_nonfinite_steps"]:
+            bar.close()
+            latest = self.saver.path("latest.pth")
+            raise NonFiniteError(
+                self.guard.message(it, latest, self.saver.saved_iteration, cfg["max_nonfinite_steps"])
+            )
+        if it % cfg["log_interval"] == 0:
+            self._log(loss, terms, stats)
+            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
+        if it % (cfg["eval_interval"] or self.iters_per_epoch) == 0 or it == self.total_iters:
+            self._eval_and_save()
+        elif cfg["save_interval"] and it % cfg["save_interval"] == 0:
+            self._save_latest()
+
+    def fit(self) -> float:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.resume()
+        self.start_iteration = self.iteration
+        if self.dist.is_main and self.save_path is not None:
+            self.saver.write_config(self.cfg)
+            # purge_step drops the points a resumed run is about to draw again
+            self.writer = SummaryWriter(self.save_path, purge_step=self.iteration or None)
+        logger.info(
+            f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per epoch, "
+            f"{self.dist.world_size} process(es) on {self.device}"
+        )
+        bar = tqdm(
+            total=self.total_iters, initial=self.iteration, disable=not self.dist.is_main, dynamic_ncols=True
+        )
+        for net in self.trained_wrapped:
+            net.train()
+        start = time.time()
+        while self.iteration < self.total_iters:
+            epoch, start_batch = divmod(self.iteration, self.iters_per_epoch)
+            for batch in self.batches(epoch, start_batch):
+                # A skipped (non-finite) step still consumes its batch and advances the iteration, so
+                # the data and the schedule stay where an uninterrupted run would have them.
+                step_start = time.perf_counter()
+                loss, terms, stats = self.train_step(batch)
+                self.train_seconds += time.perf_counter() - step_start
+                self.iteration += 1
+                bar.update(1)
+                self._after_step(loss, terms, stats, bar)
+                if self.iteration >= self.total_iters:
+                    break
+        bar.close()
+        logger.info(
+            f"done in {time.time() - start:.0f}s: best val mIoU {self.best_miou:.2f} at iteration "
+            f"{self.best_iteration}"
+            + (f"; {self.guard.steps} non-finite step(s) skipped" if self.guard.steps else "")
+        )
+        if self.writer is not None:
+            self.writer.close()
+        self.saver.check_final()
+        return self.best_miou
