@@ -2,12 +2,14 @@
 the FIFO queue against a list, and the queue's cross-rank gather under two gloo processes."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from tests import ctt_ranks
+from tests.test_engine_networks import same
 from util.losses import ctt as L
 
 
@@ -299,3 +301,198 @@ def test_queue_gathers_every_rank_under_two_gloo_processes(tmp_path):
     torch.testing.assert_close(r0["features"][0], torch.stack(expected))
     # class 1: rank 1's candidate in its second position lands in the first free slot
     torch.testing.assert_close(r0["features"][1, 2], unit(f1[1, 1], dim=0))
+
+
+# ------------------------------------------------------------------------------------------ the step
+def make_ctt(tiny_config, *overrides):
+    """CTT with its four tiny networks attached as the engine would (teachers without gradient)."""
+    from CTT import CTT
+    from util.config import load_config
+    from util.losses import cross_entropy
+
+    cfg = load_config(tiny_config, list(overrides))
+    method = CTT(cfg, cross_entropy, torch.device("cpu"))
+    networks = method.networks()
+    for net in networks.frozen.values():
+        net.requires_grad_(False)
+    method.attach(networks.all, networks.all)
+    return method, networks
+
+
+def fill_banks(method, seed=0):
+    """Every class of both banks and queues holds a few random entries."""
+    g = torch.Generator().manual_seed(seed)
+    K, dim = method.nclass, method.cfg["head_channels"]
+    for queue in (*method.banks.values(), *method.queues.values()):
+        queue.push(torch.randn(K, 3, dim, generator=g), torch.ones(K, 3, dtype=torch.bool))
+
+
+def count_forwards(networks):
+    calls = {name: 0 for name in networks.all}
+    for name, net in networks.all.items():
+        module = getattr(net, "module", net)
+
+        def hook(*_, name=name):
+            calls[name] += 1
+
+        module.register_forward_hook(hook)
+    return calls
+
+
+TERMS = {
+    "released": {"sup_a", "ct_a", "sup_b", "ct_b"},
+    "paper": {"sup_a", "ct_a", "hc_a", "lc_a", "sup_b", "ct_b", "hc_b", "lc_b"},
+    "default": {"sup_a", "ct_a", "hc_a", "lc_a", "neg_a", "sup_b", "ct_b", "hc_b", "lc_b", "neg_b"},
+}
+
+
+@pytest.mark.parametrize("preset", ["released", "paper", "default"])
+def test_step_runs_the_forwards_its_terms_need_and_no_other(tiny_config, preset):
+    from tests.test_unimatch_step import make_batch
+
+    method, networks = make_ctt(
+        tiny_config, f"ctt.preset={preset}", "ctt.contrast_thresh=0.3", "ctt.bank_thresh=0"
+    )
+    fill_banks(method)
+    calls = count_forwards(networks)
+    losses, stats = method.step(make_batch(B=2, H=33, W=33, K=6))
+    assert set(losses) == TERMS[preset]
+    assert all(torch.isfinite(v) for v in losses.values())
+    # one forward per student (labeled + mixed view as one batch), one per teacher (weak view)
+    assert calls == {"student_a": 1, "student_b": 1, "teacher_a": 1, "teacher_b": 1}
+    banks = {n: q.state_dict() for n, q in method.banks.items()}
+    method.after_optimizer_step()
+    assert all(t.updates == 1 for t in (method.teacher_a, method.teacher_b))
+    # the banks are fed from the updated teachers' forward of the labeled batch: none when released
+    extra = 0 if preset == "released" else 1
+    assert calls == {"student_a": 1, "student_b": 1, "teacher_a": 1 + extra, "teacher_b": 1 + extra}
+    assert all(torch.equal(q.features, banks[n]["features"]) for n, q in method.banks.items()) == (not extra)
+
+
+def test_gradients_reach_each_student_through_its_own_terms_only(tiny_config):
+    from tests.test_unimatch_step import make_batch
+
+    method, networks = make_ctt(
+        tiny_config, "ctt.contrast_thresh=0.3", "ctt.lc_peer_confident=false", "ctt.ct_thresh=0"
+    )
+    fill_banks(method)
+    for teacher in networks.frozen.values():  # let autograd see the teachers: no term may reach them
+        teacher.requires_grad_(True)
+    losses, _ = method.step(make_batch(B=2, H=33, W=33, K=6))
+    params = {name: [p for p in net.parameters()] for name, net in networks.all.items()}
+    for term, value in losses.items():
+        own = "student_" + term[-1]
+        grads = torch.autograd.grad(value, [p for ps in params.values() for p in ps], allow_unused=True,
+                                    retain_graph=True)  # fmt: skip
+        reached, start = set(), 0
+        for name, ps in params.items():
+            if any(g is not None and g.abs().sum() > 0 for g in grads[start : start + len(ps)]):
+                reached.add(name)
+            start += len(ps)
+        assert value.item() > 0, term
+        assert reached == {own}, f"{term} reaches {reached}"
+
+
+def test_student_a_learns_from_teacher_b_on_the_mixed_view(tiny_config):
+    """Teacher A says class 1 everywhere, teacher B class 2, both surely: with one class per image ClassMix
+    chooses none, so each mixed image is the next image of the batch, and S_A's CT term is the plain
+    cross-entropy to class 2 of S_A's prediction of those images (weight 1: every pixel is confident)."""
+    from tests.test_unimatch_step import make_batch
+    from util.losses import cross_entropy
+
+    method, networks = make_ctt(tiny_config, "ctt.preset=released")
+    for name, label in (("teacher_a", 1), ("teacher_b", 2)):
+        classifier = networks.all[name].module.classifier
+        with torch.no_grad():
+            classifier.weight.zero_()
+            classifier.bias.zero_()
+            classifier.bias[label] = 50.0
+    batch = make_batch(B=3, H=33, W=33, K=6)
+    torch.manual_seed(0)
+    losses, stats = method.step(batch)
+    img_x = batch["labeled"][0]
+    _, img_s1, img_s2, ignore, _, _ = batch["unlabeled"]
+    valid = (ignore != 255).roll(-1, dims=0)
+    for student, image, label in (("student_a", img_s1, 2), ("student_b", img_s2, 1)):
+        logits = networks.all[student](torch.cat((img_x, image.roll(-1, dims=0))))[3:]
+        expected = cross_entropy(logits, torch.where(valid, label, 255))
+        torch.testing.assert_close(losses[f"ct_{student[-1]}"], expected)
+    assert stats["ct_weight_a"].item() == stats["ct_weight_b"].item() == 1.0
+
+
+def test_ctt_config_is_checked(tiny_config):
+    from util.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'ctt.deploy' names 'teacher_c'"):
+        make_ctt(tiny_config, "ctt.deploy=[teacher_a, teacher_c]")
+    with pytest.raises(ConfigError, match="'ctt.bank_per_step'.*do not fit in a queue of 4"):
+        make_ctt(tiny_config, "ctt.bank_size=4", "ctt.bank_per_step=5")
+    with pytest.raises(ConfigError, match="'ctt.pretrained_b' names a file that does not exist"):
+        make_ctt(tiny_config, "ctt.pretrained_b=/nonexistent.pth")
+    with pytest.raises(ConfigError, match="ctt.preset' must be one of"):
+        make_ctt(tiny_config, "ctt.preset=both")
+
+
+# ------------------------------------------------------------------------------------------- real runs
+# Banks and queues fill within a few steps of the tiny run; the networks are random, so the confidence
+# thresholds are lowered for the contrastive terms to have anchors and the CT term a weight.
+FILL = ["ctt.bank_thresh=0", "ctt.contrast_thresh=0.3", "ctt.ct_thresh=0.3", "ctt.bank_size=8",
+        "ctt.neg_queue_size=8", "ctt.neg_per_step=2"]  # fmt: skip
+
+
+def test_skipped_step_leaves_banks_teachers_and_their_statistics_as_they_were(tiny_config):
+    from CTT import CTT
+    from util.config import load_config
+    from util.engine import Trainer
+
+    cfg = load_config(tiny_config, ["max_iters=3", "ctt.teacher_mode=train", *FILL])
+    trainer = Trainer(CTT, cfg, None)
+    try:
+        batches = trainer.batches(0, 0)
+        trainer.train_step(next(batches))
+        method = trainer.method
+        before = {k: v.clone() for k, v in trainer.networks.all["teacher_a"].state_dict().items()
+                  if k != "_extra_state"}  # fmt: skip
+        state = {k: {n: {f: t.clone() for f, t in q.items()} for n, q in v.items()}
+                 for k, v in method.state_dict().items()}  # fmt: skip
+        assert int(state["banks"]["a"]["count"].sum() + state["banks"]["b"]["count"].sum()) > 0
+        step = method.step
+
+        def poisoned(batch):
+            losses, stats = step(batch)  # the train-mode teachers move their BN statistics in here
+            losses["ct_b"] = losses["ct_b"] * float("nan")
+            return losses, stats
+
+        method.step = poisoned
+        trainer.train_step(next(batches))
+        assert trainer.guard.steps == 1
+        after = trainer.networks.all["teacher_a"].state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), "the teacher moved"
+        assert method.teacher_a.updates == 1 and same(state, method.state_dict()), "the banks moved"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_two_processes_stay_identical_and_resume_bit_identically_after_sigkill(tiny_config, tmp_path):
+    from tests.test_training import run
+
+    straight, killed, dump = tmp_path / "straight", tmp_path / "killed", tmp_path / "dump"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # 18 unlabeled images / 2 ranks / batch 2: 4 iterations per epoch; checkpoints at 2 and 4 only
+    command = [*torchrun, "tests/run_training.py", "CTT", "--config", tiny_config, "max_iters=4",
+               "eval_interval=2", "save_interval=0", *FILL]  # fmt: skip
+    run([*command, "--save-path", str(straight), "--dump-weights", str(dump)])
+    # rank 1 is SIGKILLed before iteration 3 (inside the first epoch); the same command resumes from 2
+    run([*command, "--save-path", str(killed), "--kill-at", "3", "--kill-rank", "1"], expect=1)
+    log = run([*command, "--save-path", str(killed)])
+    assert "resumed from" in log and "at iteration 2/4" in log
+
+    a, b = (torch.load(d / "latest.pth", weights_only=True) for d in (straight, killed))
+    assert same(a["networks"], b["networks"]), "the resumed run ended with other weights"
+    assert same(a["method"], b["method"]), "the resumed run ended with other banks or queues"
+    for kind in ("banks", "queues"):
+        assert all(int(a["method"][kind][n]["count"].sum()) > 0 for n in "ab"), kind
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert same(r0, r1), "the ranks' networks differ"
+    best = torch.load(straight / "best.pth", weights_only=True)
+    assert best["network"] in ("teacher_a", "teacher_b") and "classifier.weight" in best["model"]
