@@ -27,7 +27,7 @@ from unimatch import sample_to_grid
 from util.config import ConfigError
 from util.dist import all_reduce_sum, get_world_size
 from util.ema import ema_teacher
-from util.engine import Method, Networks, main
+from util.engine import AMP_DTYPES, Method, Networks, main
 from util.losses import IGNORE
 from util.losses.ctt import (
     ClassQueue,
@@ -286,27 +286,33 @@ class CTT(Method):
 
     # ---------------------------------------------------------------------- after the optimizer step
     def after_optimizer_step(self) -> None:
+        """4. Each teacher follows its own student; then its bank (and queue) take its new candidates."""
         self.teacher_a.update(self.unwrapped("student_a"))
         self.teacher_b.update(self.unwrapped("student_b"))
         if self.pending is None:
             return
         p, self.pending = self.pending, None
-        c = self.ccfg
-        with torch.no_grad():
-            for name, teacher in (("a", self.teacher_a), ("b", self.teacher_b)):
-                # Bank: the updated teacher's features of labeled pixels it gets right with confidence.
-                teacher.train(c["teacher_mode"] == "train")
-                out = teacher(p.img_x, need_feature=True)
-                grid = tuple(out["feature"].shape[-2:])
-                label = sample_to_grid(p.mask_x, grid).flatten()
-                candidate, score = bank_candidates(
-                    pixels(out["logits_low"]), label, c["bank_thresh"], c["bank_confidence"] == "logit"
-                )
-                candidates = of_class(label, self.nclass) & candidate
-                index, chosen = per_class_sample(candidates, score, self.bank_per_step)
-                self.banks[name].push(*gather_from_ranks(pixels(out["feature"])[index], chosen))
+        amp = AMP_DTYPES[self.cfg["amp"]]  # the engine's autocast covers step() only
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            for name in "ab":
+                self.push_bank(name, p.img_x, p.mask_x)
                 if self.negatives:
                     self.push_negatives(name, p)
+
+    def push_bank(self, name: str, img_x: torch.Tensor, mask_x: torch.Tensor) -> None:
+        """Bank: the updated teacher's features of the labeled pixels it gets right with confidence, the
+        most confident bank_per_step per class and process, from every process."""
+        c = self.ccfg
+        teacher = getattr(self, f"teacher_{name}")
+        teacher.train(c["teacher_mode"] == "train")
+        out = teacher(img_x, need_feature=True)
+        grid = tuple(out["feature"].shape[-2:])
+        label = sample_to_grid(mask_x, grid).flatten()
+        candidate, score = bank_candidates(
+            pixels(out["logits_low"]), label, c["bank_thresh"], c["bank_confidence"] == "logit"
+        )
+        index, chosen = per_class_sample(of_class(label, self.nclass) & candidate, score, self.bank_per_step)
+        self.banks[name].push(*gather_from_ranks(pixels(out["feature"])[index], chosen))
 
     def push_negatives(self, name: str, p: Pending) -> None:
         """Queue: a random sample of the teacher's unreliable weak-view pixels, for each class they rank
