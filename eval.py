@@ -18,18 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset.classes import class_names, palette
+from dataset.classes import dataset_classes
 from dataset.semi import SemiDataset
-from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup, init_distributed
 from util.engine import AMP_DTYPES, EXIT_BAD_INPUT, prepare_demo_data
 from util.metrics import ShardSampler, evaluate, format_iou_table
-
-MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+from util.visualise import side_by_side
 
 
 def parse_args(argv=None):
@@ -58,13 +55,9 @@ class VisualisationWriter:
         self.colours = colours
 
     def __call__(self, img, mask, pred, ids):
-        image = ((img[0].cpu().float() * STD + MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        gt = self.colours[mask[0].cpu().numpy().astype(np.uint8)]
-        pr = self.colours[pred[0].cpu().numpy().astype(np.uint8)]
         name = os.path.splitext(os.path.basename(ids[0]))[0]
-        Image.fromarray(np.concatenate([image, gt, pr], axis=1)).save(
-            os.path.join(self.folder, name + ".png")
-        )
+        picture = side_by_side(img[0], mask[0], pred[0], self.colours)
+        Image.fromarray(picture).save(os.path.join(self.folder, name + ".png"))
 
 
 def main(argv=None) -> dict:
@@ -80,6 +73,7 @@ def main(argv=None) -> dict:
         state = ckpt.load(args.checkpoint)
         model = build_model({**cfg, "pretrained": None}).to(dist_info.device)
         ckpt.load_model_weights(model, ckpt.model_state(state), args.checkpoint)
+        classes = dataset_classes(cfg)
         val = SemiDataset(
             cfg["data_root"], "val", cfg["val_id_path"], nclass=cfg["nclass"],
             allow_outside_root=cfg["allow_outside_data_root"],
@@ -94,7 +88,7 @@ def main(argv=None) -> dict:
     scales = tuple(args.scales or cfg["eval_scales"])
     on_prediction = None
     if args.save_vis:
-        on_prediction = VisualisationWriter(args.save_vis, palette(cfg["dataset"], cfg["nclass"]))
+        on_prediction = VisualisationWriter(args.save_vis, classes.palette)
     amp_dtype = AMP_DTYPES[cfg["amp"]]
     flip = args.flip or cfg["eval_flip"]
     result = evaluate(
@@ -107,7 +101,7 @@ def main(argv=None) -> dict:
             where += f", network '{state['network']}'"
         print(f"{args.checkpoint}{where} on {cfg['val_id_path']}: {len(val)} images, mode {mode}, "
               f"flip {flip}, scales {list(scales)}")  # fmt: skip
-        print(format_iou_table(result["iou"], class_names(cfg["dataset"], cfg["nclass"])))
+        print(format_iou_table(result["iou"], classes.names))
         if args.save_vis:
             print(f"predictions saved to {args.save_vis}")
     cleanup()

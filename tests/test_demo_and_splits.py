@@ -357,10 +357,10 @@ def test_coco_preset(tmp_path):
     for split, n in (("train2017", 600), ("val2017", 5)):
         for k in range(n):
             touch(root / split / f"{k:012d}.jpg")
-            touch(root / "masks" / split / f"{k:012d}.png")
+            touch(root / "masks" / f"{k:012d}.png")  # UniMatch's layout: one masks/ folder
     out = tmp_path / "splits"
     make_splits.main(["coco", "--data-root", str(root), "--out", str(out)])
-    assert read_lines(out / "val.txt")[0] == "val2017/000000000000.jpg masks/val2017/000000000000.png"
+    assert read_lines(out / "val.txt")[0] == "val2017/000000000000.jpg masks/000000000000.png"
     for name, n in (("1_512", 2), ("1_256", 3), ("1_128", 5), ("1_64", 10), ("1_32", 19)):
         assert len(read_lines(out / name / "labeled.txt")) == n
         assert len(read_lines(out / name / "unlabeled.txt")) == 600 - n

@@ -8,11 +8,11 @@ bit in the weights is reported instead of loaded.
 
 import glob
 import os
-import re
-import zipfile
 
 import torch
 
+# The guarded reading of weight files lives with the model (model/ imports nothing from util/).
+from model.weights import load_failure_reason, zip_problem
 from util.files import write_atomic
 
 # What a training checkpoint (latest.pth / previous.pth) must hold to resume from it.
@@ -73,38 +73,9 @@ def remove_stale_temporaries(folder: str) -> list[str]:
 
 def _check_crc(path: str) -> None:
     """Compare every part of a zip-format checkpoint with the CRC-32 recorded when it was written."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":
-        return  # the legacy (pre-1.6) format or not a torch file at all: torch.load decides
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: it is truncated or damaged (a zip archive, torch's format, "
-            f"without its end record; {os.path.getsize(path)} bytes)"
-        )
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"cannot load checkpoint {path}: damaged zip structure ({err})") from err
-    if bad is not None:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted: the data of '{bad}' does not match its recorded CRC-32 "
-            "(the file was damaged after it was written)"
-        )
-
-
-def load_failure_reason(err: Exception) -> str:
-    text = str(err)
-    if "Weights only load failed" in text:
-        # torch's message advises weights_only=False; for a file we did not write that is the danger.
-        found = re.search(r"GLOBAL \S+|Unsupported operand \S+", text)
-        what = f" ({found.group(0)})" if found else ""
-        return (
-            f"it holds pickled code or objects other than tensors{what}; refused by "
-            "torch.load(weights_only=True), nothing in it was executed"
-        )
-    return f"not a readable torch checkpoint ({type(err).__name__}: {text.strip()})"
+    problem = zip_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
 
 
 def load(path: str) -> dict:

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from model.weights import pretrained_problem
+
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type, out of range, or names a path that does not exist."""
@@ -57,15 +59,18 @@ SCHEMA: dict[str, Any] = {
     "deep_stem": _k(bool, False),
     "output_stride": _k(int, 16, choices=(8, 16)),
     "dilations": _k(list, [6, 12, 18], item_type=int, length=3),
-    "pretrained": _k(str, None, optional=True, help="ImageNet backbone weights (torchvision or deep-stem)"),
+    "pretrained": _k(str, None, optional=True, help="backbone weights: a file, or torchvision[:TAG]"),
+    "classes": _k(
+        str, None, optional=True, help="file of class names [and R G B]; default <data_root>/classes.txt"
+    ),
     "backbone_width": _k(int, 64, low=1, help="ResNet base width; only 64 fits pretrained weights"),
     "head_channels": _k(int, 256, low=1),
     # --- optimisation ---
     "epochs": _k(int, low=1),
-    "max_iters": _k(int, None, optional=True, low=1, help="stop after this many iterations (overrides epochs)"),
+    "max_iters": _k(int, None, optional=True, low=1, help="stop after this many iterations (not epochs)"),
     "batch_size": _k(int, low=1, help="per process, for the labeled and the unlabeled loader each"),
     "lr": _k(float, above=0.0),
-    "lr_multi": _k(float, 10.0, above=0.0, help="learning-rate factor of the head (everything but the backbone)"),
+    "lr_multi": _k(float, 10.0, above=0.0, help="lr factor of the head (everything but the backbone)"),
     "momentum": _k(float, 0.9, low=0, high=1),
     "weight_decay": _k(float, 1e-4, low=0),
     "poly_power": _k(float, 0.9, low=0),
@@ -81,6 +86,7 @@ SCHEMA: dict[str, Any] = {
     "eval_interval": _k(int, 0, low=0, help="evaluate every N iterations; 0 = at the end of every epoch"),
     "save_interval": _k(int, 0, low=0, help="write latest.pth every N iterations; 0 = only at evaluations"),
     "log_interval": _k(int, 20, low=1),
+    "tb_images": _k(int, 4, low=0, help="validation pictures in TensorBoard at each evaluation, per network"),
     "max_nonfinite_steps": _k(
         int, 5, low=1, help="stop after this many optimizer steps in a row with a NaN/Inf loss or gradient"
     ),
@@ -102,7 +108,11 @@ SCHEMA: dict[str, Any] = {
         "sbu_weight": _k(float, 0.015, low=0.0, help="SBU loss weight (each of the two views gets half)"),
         "ckr_weight": _k(float, 0.02, low=0.0, help="CKR loss weight (each of the two views gets half)"),
         "uncertain_thresh": _k(
-            float, 0.95, low=0.0, high=1.0, help="SBU: uncertain = confidence <= this (sbu: paper)"
+            float,
+            0.95,
+            low=0.0,
+            high=1.0,
+            help="SBU: uncertain = weak or strong confidence <= this (sbu: paper)",
         ),
         "sbu": _k(str, "paper", choices=("paper", "released")),
         "ckr": _k(str, "paper", choices=("paper", "released")),
@@ -164,6 +174,11 @@ SCHEMA: dict[str, Any] = {
             "encoder",
             choices=("encoder", "decoder"),
             help="perturb the encoder output and decode (paper) or F and classify (released)",
+        ),
+        "sai_bn_update": _k(
+            bool,
+            False,
+            help="encoder-level SAI: the perturbed features also update the decoder's BN running statistics",
         ),
         "sai_noise": _k(bool, True, help="noise injection (released F-Noise)"),
         "sai_mask": _k(bool, True, help="feature masking (released F-Drop)"),
@@ -411,8 +426,11 @@ def check_paths(cfg: dict, source: str, need_unlabeled: bool) -> None:
             )
         if not exists(value):
             raise ConfigError(f"{source}: key '{key}' names a path that does not exist: {value}")
-    if cfg["pretrained"] is not None and not os.path.isfile(cfg["pretrained"]):
-        raise ConfigError(f"{source}: key 'pretrained' names a file that does not exist: {cfg['pretrained']}")
+    problem = pretrained_problem(cfg["pretrained"], cfg["backbone"], cfg["deep_stem"])
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem}")
+    if cfg["classes"] is not None and not os.path.isfile(cfg["classes"]):
+        raise ConfigError(f"{source}: key 'classes' names a file that does not exist: {cfg['classes']}")
 
 
 if __name__ == "__main__":

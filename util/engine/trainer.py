@@ -9,17 +9,17 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dataset.classes import class_names
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths
 from util.data import TrainingData
 from util.dist import barrier, broadcast_object, init_distributed, is_dist
 from util.engine.guard import NonFiniteError, NonFiniteGuard
+from util.engine.logbook import Logbook
 from util.engine.method import Method
 from util.engine.rng import rng_state, seed_everything, set_rng_state
 from util.engine.saving import Saver
 from util.losses import build_labeled_criterion
-from util.metrics import evaluate, format_iou_table
+from util.metrics import evaluate
 
 logger = logging.getLogger("semiseg")
 
@@ -117,7 +117,7 @@ class Trainer:
         self.scaler_skips = 0  # fp16 steps the GradScaler skipped for an overflow (its normal business)
         self.train_seconds = 0.0  # wall-clock spent in training steps (evaluations excluded)
         self.start_iteration = 0  # where this process started (after a resume)
-        self.writer = None
+        self.histograms = {}  # the last step's statistics with more than one value
         nets = self.networks.all.values()
         self.guard = NonFiniteGuard(
             params=[p for group in groups for p in group["params"]],
@@ -126,6 +126,7 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         self.saver = Saver(save_path, self.dist.is_main)
+        self.logbook = Logbook(cfg, self.saver, self.dist.is_main)
 
     def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
         # Rank 0 prepares the output folder and the demo data; every rank stops on its error, or the
@@ -188,9 +189,10 @@ class Trainer:
 
         names = [*losses, "total"]
         values = torch.stack([v.detach().float().reshape(()) for v in (*losses.values(), loss)])
-        stat_values = [
-            torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in stats.values()
-        ]
+        stats = {k: torch.as_tensor(v, device=self.device).detach().float() for k, v in stats.items()}
+        self.histograms = {k: v for k, v in stats.items() if v.numel() > 1}
+        stats = {k: v for k, v in stats.items() if v.numel() == 1}
+        stat_values = list(stats.values())
         flags = self.guard.flags(values)
         numbers = torch.cat(
             (values, *[s.reshape(1) for s in stat_values], flags.flatten())
@@ -232,32 +234,40 @@ class Trainer:
                 torch.distributed.all_reduce(buf)
                 buf.div_(self.dist.world_size)
 
-    def evaluate(self) -> dict[str, dict]:
+    def evaluate(self, pictures: dict | None = None) -> dict[str, dict]:
         """{network name: evaluation result} for every network the method evaluates; each network is left
-        in the mode (train or eval) it was in."""
+        in the mode (train or eval) it was in. `pictures`, when given, receives TensorBoard's pictures."""
         cfg = self.cfg
         self.sync_batchnorm_stats()
         results = {}
         for name in self.networks.evaluate:
             net = self.networks.all[name]
             was_training = net.training
+            collect = (
+                None if pictures is None else self.logbook.picture_collector(pictures.setdefault(name, []))
+            )
             results[name] = evaluate(
                 net, self.data.val_loader, cfg["nclass"], mode=cfg["eval_mode"], crop_size=cfg["crop_size"],
                 flip=cfg["eval_flip"], scales=tuple(cfg["eval_scales"]), device=self.device,
-                amp_dtype=self.amp_dtype,
+                amp_dtype=self.amp_dtype, on_prediction=collect,
             )  # fmt: skip
             net.train(was_training)
         return results
 
     def _eval_and_save(self) -> None:
-        results = self.evaluate()
+        pictures = {}
+        results = self.evaluate(pictures)
         # The run's score is the best deployable network's; best.pth holds that network.
         deployed = max(self.networks.deploy, key=lambda name: results[name]["miou"])
         miou = results[deployed]["miou"]
         improved = miou > self.best_miou
         if improved:
             self.best_miou, self.best_iteration = miou, self.iteration
-        self._log_evaluation(results, deployed)
+        seconds = self.train_seconds / max(self.iteration - self.start_iteration, 1)
+        self.logbook.evaluation(
+            self.iteration, self.total_iters, results, deployed, (self.best_miou, self.best_iteration),
+            seconds, self.networks.deploy, pictures,
+        )  # fmt: skip
         state = self.state_dict()
         # best.pth first: a run killed between the two writes resumes from the older latest.pth,
         # evaluates this iteration again and rewrites the same best.pth; the other order would lose it.
@@ -273,30 +283,6 @@ class Trainer:
             self.saver.save("best.pth", best, self.iteration)
         self._save_latest(state)
         barrier()
-
-    def _log_evaluation(self, results: dict, deployed: str) -> None:
-        names = class_names(self.cfg["dataset"], self.cfg["nclass"])
-        several = len(results) > 1
-        best = f" (best {self.best_miou:.2f} at iter {self.best_iteration})"
-        for name, result in results.items():
-            label = f" {name}" if several else ""
-            logger.info(
-                f"iter {self.iteration}/{self.total_iters}:{label} val mIoU {result['miou']:.2f}"
-                + (best if name == deployed else "") + "\n" + format_iou_table(result["iou"], names)
-            )  # fmt: skip
-            if self.writer is not None:
-                prefix = f"eval_{name}" if several else "eval"
-                self.writer.add_scalar(f"{prefix}/mIoU", result["miou"], self.iteration)
-                for cls, iou in zip(names, result["iou"]):
-                    self.writer.add_scalar(f"{prefix}_class/{cls}", iou, self.iteration)
-        if self.writer is not None and several:
-            self.writer.add_scalar("eval/mIoU", results[deployed]["miou"], self.iteration)
-        seconds = self.train_seconds / max(self.iteration - self.start_iteration, 1)
-        self.saver.append_evals(
-            [{"iteration": self.iteration, "network": name, "miou": r["miou"], "iou": list(r["iou"]),
-              "seconds_per_iter": seconds} for name, r in results.items()],
-            self.iteration,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -396,16 +382,6 @@ class Trainer:
                 )
 
     # ------------------------------------------------------------------ the loop
-    def _log(self, loss: float, terms: dict, stats: dict) -> None:
-        if self.writer is None:
-            return
-        it = self.iteration
-        self.writer.add_scalar("train/loss", loss, it)
-        for name, value in {**terms, **stats}.items():
-            self.writer.add_scalar(f"train/{name}", value, it)
-        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], it)
-        self.writer.add_scalar("train/nonfinite_steps", self.guard.steps, it)
-
     def _after_step(self, loss: float, terms: dict, stats: dict, bar) -> None:
         """Stop on a run of non-finite steps; log; evaluate and save when due."""
         cfg, it = self.cfg, self.iteration
@@ -416,7 +392,8 @@ class Trainer:
                 self.guard.message(it, latest, self.saver.saved_iteration, cfg["max_nonfinite_steps"])
             )
         if it % cfg["log_interval"] == 0:
-            self._log(loss, terms, stats)
+            extra = {"lr": self.optimizer.param_groups[0]["lr"], "nonfinite_steps": self.guard.steps}
+            self.logbook.step(it, loss, terms, stats, self.histograms, extra)
             bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
         if it % (cfg["eval_interval"] or self.iters_per_epoch) == 0 or it == self.total_iters:
             self._eval_and_save()
@@ -424,15 +401,12 @@ class Trainer:
             self._save_latest()
 
     def fit(self) -> float:
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
         self.resume()
         self.start_iteration = self.iteration
-        if self.dist.is_main and self.save_path is not None:
-            self.saver.write_config(self.cfg)
-            # purge_step drops the points a resumed run is about to draw again
-            self.writer = SummaryWriter(self.save_path, purge_step=self.iteration or None)
+        self.saver.write_config(self.cfg)
+        self.logbook.open(self.save_path, self.iteration)
         logger.info(
             f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per epoch, "
             f"{self.dist.world_size} process(es) on {self.device}"
@@ -462,7 +436,6 @@ class Trainer:
             f"{self.best_iteration}"
             + (f"; {self.guard.steps} non-finite step(s) skipped" if self.guard.steps else "")
         )
-        if self.writer is not None:
-            self.writer.close()
+        self.logbook.close()
         self.saver.check_final()
         return self.best_miou
