@@ -17,12 +17,12 @@ One step, for student S_A (S_B the same with A and B swapped):
 `ctt.preset` picks the terms (docs/DIFFERENCES.md): default = all, paper = CT + HC + LC, released = CT.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from model import build_model
+from model.weights import pretrained_problem
 from unimatch import sample_to_grid
 from util.config import ConfigError
 from util.dist import all_reduce_sum, get_world_size
@@ -105,8 +105,9 @@ class CTT(Method):
                 raise ConfigError(f"key 'ctt.deploy' names {name!r}; choose from {list(NETWORKS)}")
         if not c["deploy"]:
             raise ConfigError("key 'ctt.deploy' must name at least one network")
-        if c["pretrained_b"] is not None and not os.path.isfile(c["pretrained_b"]):
-            raise ConfigError(f"key 'ctt.pretrained_b' names a file that does not exist: {c['pretrained_b']}")
+        problem = pretrained_problem(c["pretrained_b"], cfg["backbone"], cfg["deep_stem"])
+        if problem:
+            raise ConfigError(f"key 'ctt.pretrained_b': {problem}")
         self.bank_per_step = c["bank_per_step"] or cfg["batch_size"]
         world = get_world_size()
         for per_step, size, keys in (
@@ -186,8 +187,8 @@ class CTT(Method):
         teacher.train(self.ccfg["teacher_mode"] == "train")
         if not self.negatives:
             return TeacherView(teacher(image).float().softmax(dim=1))
-        out = teacher(image, need_feature=True)
-        return TeacherView(out["logits"].float().softmax(dim=1), out["feature"], out["logits_low"])
+        out = teacher(image, features=True)
+        return TeacherView(out.logits.float().softmax(dim=1), out.decoder, out.logits_low)
 
     def mixed_view(self, image: torch.Tensor, valid: torch.Tensor, teacher: TeacherView) -> MixedView:
         """Mixing the teacher's pseudo-label and confidence equals taking them from its mixed softmax."""
@@ -210,10 +211,8 @@ class CTT(Method):
         if not self.contrast:
             logits_x, logits_u = student(torch.cat((img_x, img_u))).split([num_x, img_u.shape[0]])
             return StudentOutput(logits_x, logits_u)
-        out = student(torch.cat((img_x, img_u)), need_feature=True)
-        logits_x, logits_u = out["logits"].split([num_x, img_u.shape[0]])
-        feature_x, feature_u = out["feature"].split([num_x, img_u.shape[0]])
-        return StudentOutput(logits_x, logits_u, feature_x, feature_u, out["logits_low"][num_x:])
+        x, u = student(torch.cat((img_x, img_u)), features=True).split([num_x, img_u.shape[0]])
+        return StudentOutput(x.logits, u.logits, x.decoder, u.decoder, u.logits_low)
 
     # ------------------------------------------------------------------------------ contrastive terms
     def contrast_losses(self, mask_x, view_a, view_b, student_a, student_b) -> dict:
@@ -305,14 +304,14 @@ class CTT(Method):
         c = self.ccfg
         teacher = getattr(self, f"teacher_{name}")
         teacher.train(c["teacher_mode"] == "train")
-        out = teacher(img_x, need_feature=True)
-        grid = tuple(out["feature"].shape[-2:])
+        out = teacher(img_x, features=True)
+        grid = tuple(out.decoder.shape[-2:])
         label = sample_to_grid(mask_x, grid).flatten()
         candidate, score = bank_candidates(
-            pixels(out["logits_low"]), label, c["bank_thresh"], c["bank_confidence"] == "logit"
+            pixels(out.logits_low), label, c["bank_thresh"], c["bank_confidence"] == "logit"
         )
         index, chosen = per_class_sample(of_class(label, self.nclass) & candidate, score, self.bank_per_step)
-        self.banks[name].push(*gather_from_ranks(pixels(out["feature"])[index], chosen))
+        self.banks[name].push(*gather_from_ranks(pixels(out.decoder)[index], chosen))
 
     def push_negatives(self, name: str, p: Pending) -> None:
         """Queue: a random sample of the teacher's unreliable weak-view pixels, for each class they rank
