@@ -43,6 +43,7 @@ from util.losses.ctt import (
     negative_queue_loss,
     of_class,
     per_class_sample,
+    round_robin,
     unreliable_fraction,
     unreliable_mask,
 )
@@ -221,32 +222,32 @@ class CTT(Method):
         if c["contrast_start"] == "banks_full":  # the release waits until every class of both banks is full
             full = torch.stack([b.count.min() for b in self.banks.values()]).min() >= c["bank_size"]
             weights = {k: w * full for k, w in weights.items()}
-        both_banks = torch.cat([self.banks["a"].features, self.banks["b"].features])
-        both_filled = torch.cat([self.banks["a"].filled(), self.banks["b"].filled()])
+        both_banks = torch.cat([self.banks["a"].features, self.banks["b"].features], dim=1)  # (K, 2N, D)
+        both_filled = torch.cat([self.banks["a"].filled(), self.banks["b"].filled()], dim=1)
         losses = {}
         for name, view, own, peer_view, peer in (
             ("a", view_a, student_a, view_b, student_b),
             ("b", view_b, student_b, view_a, student_a),
         ):
             bank, queue = self.banks[name], self.queues[name]
-            anchors, chosen = self.hc_anchors(mask_x, view, own)
+            anchors, label, chosen = self.hc_anchors(mask_x, view, own)
             losses[f"hc_{name}"] = weights["hc"] * hc_loss(
-                anchors, chosen, bank.features, bank.filled(), c["hc_temperature"]
+                anchors, label, chosen, bank.features, bank.filled(), c["hc_temperature"]
             )
             if self.negatives:
                 losses[f"neg_{name}"] = weights["neg"] * negative_queue_loss(
-                    anchors, chosen, bank.features, bank.filled(), queue.features, queue.filled(),
+                    anchors, label, chosen, bank.features, bank.filled(), queue.features, queue.filled(),
                     c["neg_temperature"],
                 )  # fmt: skip
-            anchors, peers, chosen = self.lc_anchors(view, own, peer_view, peer)
+            anchors, peers, label, chosen = self.lc_anchors(view, own, peer_view, peer)
             losses[f"lc_{name}"] = weights["lc"] * lc_loss(
-                anchors, chosen, peers, both_banks, both_filled, c["lc_temperature"]
+                anchors, label, chosen, peers, both_banks, both_filled, c["lc_temperature"]
             )
         return losses
 
     def hc_anchors(self, mask_x, view: MixedView, student: StudentOutput):
-        """A random sample per class of the student's labeled pixels (ground truth) and of its mixed
-        pixels whose pseudo-label is at least gamma confident: (K, n, D) features and (K, n) mask."""
+        """A random sample of the student's labeled pixels (ground truth) and of its mixed pixels whose
+        pseudo-label is at least gamma confident: features (M, D), label (M,), chosen (M,)."""
         grid = tuple(student.feature_u.shape[-2:])
         label_x = sample_to_grid(mask_x, grid).flatten()
         label_u = sample_to_grid(view.pseudo_label, grid).flatten()
@@ -256,14 +257,14 @@ class CTT(Method):
         labels = torch.cat([label_x, label_u])
         candidate = torch.cat([label_x != IGNORE, confident.flatten()])
         features = torch.cat([pixels(student.feature_x), pixels(student.feature_u)])
-        index, chosen = self.sample(of_class(labels, self.nclass) & candidate)
-        return features[index], chosen
+        index, label, chosen = self.anchors(of_class(labels, self.nclass) & candidate)
+        return features[index], label, chosen
 
     def lc_anchors(self, view: MixedView, student: StudentOutput, peer_view: MixedView, peer: StudentOutput):
         """Pixels whose cross-teacher pseudo-label is below gamma, labelled by the peer student's
         prediction; with lc_peer_confident only where the peer is at least gamma sure and surer than the
-        student. Returns the student's and the peer's features of a random sample per class (K, n, D)
-        and the (K, n) mask."""
+        student. Returns the student's and the peer's features of a random sample (M, D), its label
+        and chosen mask (M,)."""
         c = self.ccfg
         grid = tuple(student.feature_u.shape[-2:])
         paired = view.valid & peer_view.valid
@@ -274,14 +275,19 @@ class CTT(Method):
         peer_conf, peer_label = peer.logits_low_u.detach().float().softmax(dim=1).max(dim=1)
         if c["lc_peer_confident"]:
             candidate = candidate & (peer_conf >= c["contrast_thresh"]) & (peer_conf > own_conf)
-        index, chosen = self.sample(of_class(peer_label.flatten(), self.nclass) & candidate.flatten())
-        return pixels(student.feature_u)[index], pixels(peer.feature_u)[index], chosen
+        index, label, chosen = self.anchors(of_class(peer_label.flatten(), self.nclass) & candidate.flatten())
+        return pixels(student.feature_u)[index], pixels(peer.feature_u)[index], label, chosen
 
-    def sample(self, candidates: torch.Tensor, k: int | None = None):
-        """Up to k (default anchors_per_class) of each class's candidates (K, N), uniformly at random
-        (global torch RNG)."""
+    def anchors(self, candidates: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """At most `ctt.anchors` of the candidates (K, N), drawn at random within each class and shared
+        evenly among the classes present: index (M,), label (M,), chosen (M,)."""
+        index, chosen = self.sample(candidates, self.ccfg["anchors"])
+        return round_robin(index, chosen, self.ccfg["anchors"])
+
+    def sample(self, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to k of each class's candidates (K, N), uniformly at random (global torch RNG): (K, k')."""
         uniform = torch.rand(candidates.shape[1], device=candidates.device)
-        return per_class_sample(candidates, uniform, k or self.ccfg["anchors_per_class"])
+        return per_class_sample(candidates, uniform, k)
 
     # ---------------------------------------------------------------------- after the optimizer step
     def after_optimizer_step(self) -> None:

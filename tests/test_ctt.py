@@ -160,6 +160,23 @@ def contrast_case(seed=5, K=3, n=4, N=5, D=6):
     return anchors, anchor_mask, bank, filled
 
 
+def flat(anchors, anchor_mask):
+    """Anchors (K, n, D) of class k in row k as the losses take them: (K n, D), labels, mask."""
+    K, n = anchor_mask.shape
+    return anchors.flatten(0, 1), torch.arange(K).repeat_interleave(n), anchor_mask.flatten()
+
+
+def test_round_robin_shares_the_anchor_budget_among_the_classes_present():
+    index = torch.arange(12).view(3, 4)
+    chosen = torch.tensor([[True, True, True, True], [False] * 4, [True, False, False, False]])
+    got_index, label, mask = L.round_robin(index, chosen, 4)
+    # class 0's first, class 2's first, then class 0's second and third: class 2 had only one
+    assert got_index.tolist() == [0, 8, 1, 2] and label.tolist() == [0, 2, 0, 0] and mask.all()
+    got_index, label, mask = L.round_robin(index, chosen, 8)
+    assert got_index[mask].tolist() == [0, 8, 1, 2, 3] and label[mask].tolist() == [0, 2, 0, 0, 0]
+    assert not mask[5:].any()
+
+
 def nce_reference(anchor, positives, negatives, tau):
     """mean over positives of -log(e^s(a,p) / (e^s(a,p) + sum_n e^s(a,n))), similarities cosine / tau."""
     terms = []
@@ -192,11 +209,11 @@ def test_hc_loss_matches_loop():
              for i in range(n) if anchor_mask[c, i] and positives]
         )  # fmt: skip
     expected = class_mean(per_class)  # class 0 only: class 1's bank is empty, class 2 has no anchor
-    got = L.hc_loss(anchors, anchor_mask, bank, filled, 0.1)
+    got = L.hc_loss(*flat(anchors, anchor_mask), bank, filled, 0.1)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # nothing to contrast: zero, and a finite (zero) gradient
     anchors.requires_grad_()
-    empty = L.hc_loss(anchors, anchor_mask, bank, torch.zeros_like(filled), 0.1)
+    empty = L.hc_loss(*flat(anchors, anchor_mask), bank, torch.zeros_like(filled), 0.1)
     empty.backward()
     assert empty.item() == 0 and torch.equal(anchors.grad, torch.zeros_like(anchors))
 
@@ -215,14 +232,13 @@ def test_lc_loss_matches_loop():
             [nce_reference(anchors[c, i].tolist(), [peer[c, i].tolist()], negatives, 0.5)
              for i in range(n) if anchor_mask[c, i]]
         )  # fmt: skip
-    got = L.lc_loss(anchors, anchor_mask, peer, torch.cat([bank_a, bank_b]), torch.cat([filled_a, filled_b]))
+    banks, filled = torch.cat([bank_a, bank_b], dim=1), torch.cat([filled_a, filled_b], dim=1)
+    got = L.lc_loss(*flat(anchors, anchor_mask), peer.flatten(0, 1), banks, filled)
     assert got.item() == pytest.approx(class_mean(per_class), rel=1e-5)
     # the peer is a target: no gradient reaches it
     peer.requires_grad_()
     anchors.requires_grad_()
-    L.lc_loss(
-        anchors, anchor_mask, peer, torch.cat([bank_a, bank_b]), torch.cat([filled_a, filled_b])
-    ).backward()
+    L.lc_loss(*flat(anchors, anchor_mask), peer.flatten(0, 1), banks, filled).backward()
     assert peer.grad is None and anchors.grad.abs().sum() > 0
 
 
@@ -242,7 +258,7 @@ def test_negative_queue_loss_matches_loop():
              for i in range(n) if anchor_mask[c, i] and prototype is not None]
         )  # fmt: skip
     assert per_class[2] == [0.0, 0.0]  # no negatives: the term is -log 1
-    got = L.negative_queue_loss(anchors, anchor_mask, bank, filled, queue, queue_filled, 0.5)
+    got = L.negative_queue_loss(*flat(anchors, anchor_mask), bank, filled, queue, queue_filled, 0.5)
     assert got.item() == pytest.approx(class_mean(per_class), rel=1e-5)
 
 

@@ -242,7 +242,9 @@ SCHEMA: dict[str, Any] = {
             choices=("filled", "banks_full"),
             help="contrast with the entries banks hold so far, or only once every class of both is full",
         ),
-        "anchors_per_class": _k(int, 256, low=1, help="anchors per class and term, drawn at random"),
+        "anchors": _k(
+            int, 1024, low=1, help="anchors per term and student, drawn at random, shared among the classes"
+        ),
         "bank_size": _k(int, 256, low=1, help="memory-bank entries per class (per network)"),
         "bank_thresh": _k(float, 0.95, low=0.0, help="teacher confidence a labeled pixel needs for the bank"),
         "bank_confidence": _k(

@@ -10,9 +10,10 @@ Neurocomputing 2022) as plain functions of tensors, and the class-wise FIFO queu
     negatives    unreliable (high-entropy) unlabeled pixels as negatives of the classes they rank lowest,
                  from a per-class queue, against the bank's class prototype as positive
 
-Shapes: K classes, D feature channels. Pixel sets are (N, D) with labels (N,); per-class sets are (K, n, D)
-with a (K, n) bool mask of the rows that hold something. Every per-class operation is a masked top-k, a
-gather or a one-hot product: no Python loop over classes, images or pixels.
+Shapes: K classes, D feature channels. Pixel sets are (N, D) with labels (N,); per-class samples are
+(K, k) indices with a (K, k) bool mask of the positions that hold one; anchors are (M, D) rows with a
+label (M,) and a mask (M,). Every per-class operation is a masked top-k, a gather or a one-hot product:
+no Python loop over classes, images or pixels.
 """
 
 from dataclasses import dataclass
@@ -136,84 +137,101 @@ def negative_candidates(prob: torch.Tensor, unreliable: torch.Tensor, skip_top: 
 
 
 # ------------------------------------------------------------------------------------ contrastive core
+def round_robin(index: torch.Tensor, chosen: torch.Tensor, budget: int) -> tuple[torch.Tensor, ...]:
+    """Per-class picks (K, k) flattened to at most `budget` rows: every class's first pick, then every
+    class's second, and so on, so the classes present share the budget evenly and a class with few picks
+    leaves its share to the others. Returns index (M,), label (M,) and chosen (M,), M = min(budget, K k)."""
+    nclass, k = index.shape
+    label = torch.arange(nclass, device=index.device)[:, None].expand(nclass, k)
+    turn = torch.arange(k, device=index.device)[None, :] * nclass + label
+    order = torch.where(chosen, turn, nclass * k).flatten().argsort(stable=True)[:budget]
+    return index.flatten()[order], label.flatten()[order], chosen.flatten()[order]
+
+
 def info_nce(
     positive: torch.Tensor,
     positive_mask: torch.Tensor,
     negative: torch.Tensor,
     negative_mask: torch.Tensor,
+    label: torch.Tensor,
     anchor_mask: torch.Tensor,
+    nclass: int,
 ) -> torch.Tensor:
-    """Class-balanced InfoNCE over per-class anchors.
+    """Class-balanced InfoNCE.
 
-    positive (K, n, P), negative (K, n, Q): similarities / temperature of each anchor to its positives
-    and negatives; the masks broadcast to those shapes; anchor_mask (K, n). For an anchor a and a positive
-    p: -log(e^s(a,p) / (e^s(a,p) + sum_q e^s(a,q))). Averaged over the anchor's positives, over the
-    anchors of a class, then over the classes that have an anchor with a positive. Zero if none has.
+    positive (M, P), negative (M, Q): similarities / temperature of each anchor to its positives and
+    negatives; the masks broadcast to those shapes; label, anchor_mask (M,). For an anchor a and a
+    positive p: -log(e^s(a,p) / (e^s(a,p) + sum_q e^s(a,q))). Averaged over the anchor's positives, over
+    the anchors of a class, then over the classes that have an anchor with a positive. Zero if none has.
     """
     negative = negative.float().masked_fill(~negative_mask, MASKED).logsumexp(dim=-1, keepdim=True)
     positive = positive.float()
-    pair = torch.logaddexp(positive, negative) - positive  # (K, n, P)
+    pair = torch.logaddexp(positive, negative) - positive  # (M, P)
     positive_mask = positive_mask.expand_as(pair).to(pair.dtype)
     count = positive_mask.sum(dim=-1)
     per_anchor = (pair * positive_mask).sum(dim=-1) / count.clamp(min=1)
-    used = (anchor_mask & (count > 0)).to(pair.dtype)
-    per_class = (per_anchor * used).sum(dim=1) / used.sum(dim=1).clamp(min=1)
-    has = (used.sum(dim=1) > 0).to(pair.dtype)
+    used = F.one_hot(label, nclass).to(pair.dtype) * (anchor_mask & (count > 0))[:, None]  # (M, K)
+    anchors = used.sum(dim=0)
+    per_class = (used * per_anchor[:, None]).sum(dim=0) / anchors.clamp(min=1)
+    has = (anchors > 0).to(pair.dtype)
     return (per_class * has).sum() / has.sum().clamp(min=1)
 
 
-def _other_class_negatives(
-    anchors: torch.Tensor, bank: torch.Tensor, filled: torch.Tensor, temperature: float
+def _similarities(
+    anchors: torch.Tensor, label: torch.Tensor, bank: torch.Tensor, filled: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarities / temperature of anchors (K, n, D) (unit rows) to every bank entry (K', N, D),
-    flattened to (K, n, K' N), and the (K, 1, K' N) mask of filled entries of a class other than the
-    anchor's row. K' is K, or a multiple of K for several banks concatenated (row r holds class r mod K)."""
-    nclass, entries = anchors.shape[0], bank.shape[0] * bank.shape[1]
-    similarity = torch.einsum("knd,cmd->kncm", anchors, bank.float()) / temperature
-    entry_class = torch.arange(bank.shape[0], device=bank.device) % nclass  # (K',)
-    other = entry_class[None, :, None] != torch.arange(nclass, device=bank.device)[:, None, None]
-    mask = (other & filled[None]).reshape(nclass, 1, entries)
-    return similarity.reshape(nclass, -1, entries), mask
+    """Similarities / temperature of unit anchors (M, D) to every bank entry (K, N, D): (M, K, N), and the
+    (M, K N) mask of the filled entries of classes other than the anchor's label."""
+    nclass, entries = bank.shape[:2]
+    similarity = (anchors @ bank.float().flatten(0, 1).t() / temperature).view(-1, nclass, entries)
+    other = label[:, None] != torch.arange(nclass, device=label.device)[None, :]  # (M, K)
+    return similarity, (other[:, :, None] & filled[None]).flatten(1)
+
+
+def _own_class(values: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(M, K, N) -> (M, N): each row's entries of its own label."""
+    return values.gather(1, label[:, None, None].expand(-1, 1, values.shape[2])).squeeze(1)
 
 
 def hc_loss(
     anchors: torch.Tensor,
+    label: torch.Tensor,
     anchor_mask: torch.Tensor,
     bank: torch.Tensor,
     filled: torch.Tensor,
     temperature: float = 0.1,
 ) -> torch.Tensor:
-    """HC: anchors of class c (K, n, D) against the bank (K, N, D): positives are the filled entries of
-    class c, negatives the filled entries of every other class. filled (K, N) bool."""
+    """HC: anchors (M, D) of class `label` against the bank (K, N, D): positives are the filled entries
+    of the anchor's class, negatives the filled entries of every other class. filled (K, N) bool."""
     anchors = F.normalize(anchors.float(), dim=-1)
-    negative, negative_mask = _other_class_negatives(anchors, bank, filled, temperature)
-    nclass = anchors.shape[0]
-    own = torch.arange(nclass, device=bank.device)
-    positive = negative.view(nclass, anchors.shape[1], nclass, -1)[own, :, own]  # (K, n, N)
-    return info_nce(positive, filled[:, None, :], negative, negative_mask, anchor_mask)
+    similarity, negative_mask = _similarities(anchors, label, bank, filled, temperature)
+    positive = _own_class(similarity, label)
+    return info_nce(positive, filled[label], similarity.flatten(1), negative_mask, label, anchor_mask,
+                    bank.shape[0])  # fmt: skip
 
 
 def lc_loss(
     anchors: torch.Tensor,
+    label: torch.Tensor,
     anchor_mask: torch.Tensor,
     peer: torch.Tensor,
     banks: torch.Tensor,
     filled: torch.Tensor,
     temperature: float = 0.5,
 ) -> torch.Tensor:
-    """LC: each anchor (K, n, D) against the peer network's feature of the same pixel (K, n, D; no
-    gradient) as its one positive, and, as negatives, the filled entries of other classes of both banks:
-    banks (2K, N, D) = the two (K, N, D) banks concatenated (rows k and K + k hold class k), filled
-    (2K, N)."""
+    """LC: each anchor (M, D) against the peer network's feature of the same pixel (M, D; no gradient) as
+    its one positive and, as negatives, the filled entries of other classes than `label` of both banks:
+    banks (K, 2N, D) = the two (K, N, D) banks concatenated along the entries, filled (K, 2N)."""
     anchors = F.normalize(anchors.float(), dim=-1)
     positive = (anchors * F.normalize(peer.detach().float(), dim=-1)).sum(dim=-1, keepdim=True)
-    negative, negative_mask = _other_class_negatives(anchors, banks, filled, temperature)
-    return info_nce(positive / temperature, torch.ones_like(anchor_mask)[..., None], negative,
-                    negative_mask, anchor_mask)  # fmt: skip
+    similarity, negative_mask = _similarities(anchors, label, banks, filled, temperature)
+    return info_nce(positive / temperature, anchor_mask[:, None], similarity.flatten(1), negative_mask,
+                    label, anchor_mask, banks.shape[0])  # fmt: skip
 
 
 def negative_queue_loss(
     anchors: torch.Tensor,
+    label: torch.Tensor,
     anchor_mask: torch.Tensor,
     bank: torch.Tensor,
     filled: torch.Tensor,
@@ -221,17 +239,17 @@ def negative_queue_loss(
     queue_filled: torch.Tensor,
     temperature: float = 0.5,
 ) -> torch.Tensor:
-    """Unreliable pixels as negatives: anchors of class c (K, n, D) against the prototype of class c (the
-    mean of the bank's filled entries, (K, N, D) with filled (K, N)) as positive and the filled entries
-    of class c's negative queue (K, M, D), queue_filled (K, M), as negatives."""
+    """Unreliable pixels as negatives: anchors (M, D) of class `label` against the prototype of that class
+    (the mean of the bank's filled entries, (K, N, D) with filled (K, N)) as positive and the filled
+    entries of that class's negative queue (K, Q, D), queue_filled (K, Q), as negatives."""
     anchors = F.normalize(anchors.float(), dim=-1)
     weights = filled.to(torch.float32)
     prototype = torch.einsum("kn,knd->kd", weights, bank.float()) / weights.sum(1, keepdim=True).clamp(min=1)
-    prototype = F.normalize(prototype, dim=-1)
-    positive = torch.einsum("knd,kd->kn", anchors, prototype)[..., None] / temperature  # (K, n, 1)
-    negative = torch.einsum("knd,kmd->knm", anchors, queue.float()) / temperature  # (K, n, M)
-    return info_nce(positive, filled.any(dim=1)[:, None, None], negative, queue_filled[:, None, :],
-                    anchor_mask)  # fmt: skip
+    prototype = F.normalize(prototype, dim=-1)[label]  # (M, D)
+    positive = (anchors * prototype).sum(dim=-1, keepdim=True) / temperature
+    similarity, _ = _similarities(anchors, label, queue, queue_filled, temperature)
+    return info_nce(positive, filled.any(dim=1)[label][:, None], _own_class(similarity, label),
+                    queue_filled[label], label, anchor_mask, bank.shape[0])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the queues
