@@ -251,9 +251,8 @@ class CTT(Method):
         grid = tuple(student.feature_u.shape[-2:])
         label_x = sample_to_grid(mask_x, grid).flatten()
         label_u = sample_to_grid(view.pseudo_label, grid).flatten()
-        confident = (sample_to_grid(view.confidence, grid) >= self.ccfg["contrast_thresh"]) & sample_to_grid(
-            view.valid, grid
-        )
+        valid = sample_to_grid(view.valid, grid)
+        confident = valid & (sample_to_grid(view.confidence, grid) >= self.ccfg["contrast_thresh"])
         labels = torch.cat([label_x, label_u])
         candidate = torch.cat([label_x != IGNORE, confident.flatten()])
         features = torch.cat([pixels(student.feature_x), pixels(student.feature_u)])
