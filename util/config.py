@@ -269,6 +269,87 @@ SCHEMA: dict[str, Any] = {
             "UniMatch's colour-jittered strong views",
         ),
     },
+    # --- CTT (CTT.py). Defaults: every term of the method with the released code's values; `preset` and
+    # the switches below reproduce the paper's figure and the released code (docs/DIFFERENCES.md). ---
+    "ctt": {
+        "preset": _k(
+            str,
+            "default",
+            choices=("default", "paper", "released"),
+            help="terms: default = CT + HC + LC + unreliable negatives, paper = CT + HC + LC, "
+            "released = CT only (the contrastive terms are not computed)",
+        ),
+        "ct_thresh": _k(
+            float, 0.968, low=0.0, high=1.0, help="CT weight = fraction of pixels this confident (global)"
+        ),
+        "mix": _k(str, "classmix", choices=("classmix", "none"), help="none: the released DeepLabV3+ script"),
+        "teacher_mode": _k(
+            str,
+            "eval",
+            choices=("eval", "train"),
+            help="teachers' forwards in eval mode (BN statistics averaged) or train mode (released)",
+        ),
+        "ema_decay": _k(float, 0.99, low=0.0, high=1.0, help="teacher EMA: alpha_t = min(1 - 1/(t+1), this)"),
+        "pretrained_b": _k(
+            str, None, optional=True, help="backbone weights of student B (null: the same as 'pretrained')"
+        ),
+        "deploy": _k(
+            list,
+            ["teacher_a", "teacher_b"],
+            item_type=str,
+            help="networks best.pth may hold (the best-scoring one at each evaluation)",
+        ),
+        "hc_weight": _k(float, 0.1, low=0.0, help="HC weight (not in the paper's text or the release)"),
+        "lc_weight": _k(float, 0.1, low=0.0, help="LC weight (not in the paper's text or the release)"),
+        "neg_weight": _k(float, 0.1, low=0.0, help="unreliable-negatives weight (preset default only)"),
+        "hc_temperature": _k(float, 0.1, low=1e-6),
+        "lc_temperature": _k(float, 0.5, low=1e-6),
+        "neg_temperature": _k(float, 0.5, low=1e-6),
+        "contrast_thresh": _k(
+            float,
+            0.75,
+            low=0.0,
+            high=1.0,
+            help="gamma: mixed pseudo-labels this confident give HC anchors; less confident ones LC anchors",
+        ),
+        "contrast_start": _k(
+            str,
+            "filled",
+            choices=("filled", "banks_full"),
+            help="contrast with the entries banks hold so far, or only once every class of both is full",
+        ),
+        "anchors": _k(
+            int, 1024, low=1, help="anchors per term and student, drawn at random, shared among the classes"
+        ),
+        "bank_size": _k(int, 256, low=1, help="memory-bank entries per class (per network)"),
+        "bank_thresh": _k(float, 0.95, low=0.0, help="teacher confidence a labeled pixel needs for the bank"),
+        "bank_confidence": _k(
+            str, "softmax", choices=("softmax", "logit"), help="logit: the released test on raw logits"
+        ),
+        "bank_per_step": _k(
+            int, None, optional=True, low=1, help="entries per class, rank and step (null: batch_size)"
+        ),
+        "lc_pairing": _k(
+            str,
+            "same_content",
+            choices=("same_content", "same_position"),
+            help="LC pairs pixels showing the same source pixel in both students' mixed images, or the same "
+            "position whatever it shows (released)",
+        ),
+        "lc_peer_confident": _k(
+            bool, True, help="LC anchors need a peer at least gamma sure and surer than the student"
+        ),
+        "neg_queue_size": _k(int, 256, low=1, help="negative-queue entries per class (per network)"),
+        "neg_per_step": _k(int, 16, low=1, help="negatives per class, rank and step, drawn at random"),
+        "unreliable_start": _k(
+            float,
+            0.2,
+            low=0.0,
+            high=1.0,
+            help="share of highest-entropy pixels counted unreliable at the start, falling linearly to 0",
+        ),
+        "neg_skip_top": _k(int, 3, low=1, help="an unreliable pixel is no negative of its top classes"),
+    },
 }
 
 
