@@ -350,6 +350,48 @@ SCHEMA: dict[str, Any] = {
         ),
         "neg_skip_top": _k(int, 3, low=1, help="an unreliable pixel is no negative of its top classes"),
     },
+    # --- CISC-R (CISCR.py): the released constants; docs/DIFFERENCES.md lists the switches ---
+    "ciscr": {
+        "mode": _k(
+            str,
+            "staged",
+            choices=("staged", "online"),
+            help="staged: the paper's six stages, one command; online: one UniMatch loop (not in the paper)",
+        ),
+        "min_class_area": _k(
+            float, 0.03, low=0.0, high=1.0, help="a class counts for an image (crop) covering this fraction"
+        ),
+        "exclude_background": _k(bool, False, help="class 0 is never the shared class (VOC)"),
+        "shared_classes": _k(int, 1, low=1, help="classes per pair that make the regions m_u, m_q"),
+        "max_recrops": _k(int, 10, low=1, help="partner crops tried for one showing a shared class"),
+        "allow_self_pair": _k(bool, False, help="a labeled image may be its own partner (released)"),
+        "consistency_weight": _k(float, 1.0, low=0.0, help="stage 1: weight of the cross-image BCE terms"),
+        "loss_denominator": _k(
+            str,
+            "valid",
+            choices=("valid", "all"),
+            help="rectified CE: mean over not-padding pixels, or over all pixels (released)",
+        ),
+        "reliable_fraction": _k(float, 0.5, above=0.0, high=1.0, help="unlabeled images retrained on first"),
+        "query_keep_fraction": _k(
+            float, 0.5, above=0.0, high=1.0, help="labeled images kept in each class's query list"
+        ),
+        "tta_scales": _k(list, [0.5, 0.75, 1.0, 1.5, 2.0], item_type=float, above=0.0, min_length=1),
+        "tta_flip": _k(bool, True, help="pseudo-labels also from the flipped image"),
+        "label_batch_size": _k(
+            int, 8, low=1, help="images per forward when pseudo-labelling and ranking (those of one size)"
+        ),
+        "teacher_checkpoint": _k(
+            str, "best", choices=("best", "latest"), help="each stage's teacher: its best-val or last weights"
+        ),
+        "stage_epochs": _k(
+            list, None, optional=True, item_type=int, length=3, low=1, help="epochs of stages 1, 4, 6"
+        ),
+        "stage_iters": _k(
+            list, None, optional=True, item_type=int, length=3, low=1, help="iterations of stages 1, 4, 6"
+        ),
+        "ema_decay": _k(float, 0.99, low=0.0, high=1.0, help="online: the EMA teacher's decay"),
+    },
 }
 
 

@@ -13,7 +13,6 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset.check import check_data
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths
-from util.data import TrainingData
 from util.dist import barrier, broadcast_object, init_distributed, is_dist
 from util.engine.guard import NonFiniteError, NonFiniteGuard
 from util.engine.logbook import Logbook
@@ -121,11 +120,8 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg["amp"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
 
-        self.data = TrainingData(
-            cfg,
-            method_cls.uses_unlabeled,
-            pin_memory=self.device.type == "cuda",
-            worker_init=ignore_stop_signals,
+        self.data = self.method.training_data(
+            pin_memory=self.device.type == "cuda", save_path=save_path, worker_init=ignore_stop_signals
         )
         self.iters_per_epoch = self.data.iters_per_epoch
         self.total_iters = cfg["max_iters"] or cfg["epochs"] * self.iters_per_epoch
