@@ -71,8 +71,8 @@ logger = logging.getLogger("semiseg")
 def decoder_output(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, K, H, W), decoder feature (B, C, H/4, W/4), non-negative): the one place that asks
     the model for its decoder feature."""
-    out = model(x, need_feature=True)
-    return out["logits"], out["feature"]
+    out = model(x, features=True)
+    return out.logits, out.decoder
 
 
 # ---------------------------------------------------------------------------------------------- data
