@@ -262,25 +262,24 @@ class OnlineCISCR(UniMatch):
         *unlabeled, img_q, mask_q = batch["unlabeled"]
         img_u_w, _, _, ignore_mask, box1, box2 = unlabeled
         p = self.predict({**batch, "unlabeled": tuple(unlabeled)})
-        pseudo_label = p["mask_u_w"].masked_fill(ignore_mask == IGNORE, IGNORE)
+        pseudo_label = p.weak.pseudo_label.masked_fill(ignore_mask == IGNORE, IGNORE)
         weight, shared = self.rectifying_weight(img_u_w, pseudo_label, img_q, mask_q)
         unrectified = torch.ones_like(weight)
 
-        def rectified(logits, label, confidence, ignore, pixel_weight):
-            confident = (confidence >= self.cfg["conf_thresh"]).float()
-            return rectified_cross_entropy(logits, label, pixel_weight * confident, ignore != IGNORE)
+        def rectified(logits, view, pixel_weight):
+            confident = (view.confidence >= self.cfg["conf_thresh"]).float()
+            return rectified_cross_entropy(
+                logits, view.pseudo_label, pixel_weight * confident, view.ignore_mask != IGNORE
+            )
 
-        loss_s1 = rectified(
-            p["pred_u_s1"], p["mask_u_w_cutmixed1"], p["conf_u_w_cutmixed1"], p["ignore_mask_cutmixed1"],
-            cutmix(weight, unrectified, box1),
-        )  # fmt: skip
-        loss_s2 = rectified(
-            p["pred_u_s2"], p["mask_u_w_cutmixed2"], p["conf_u_w_cutmixed2"], p["ignore_mask_cutmixed2"],
-            cutmix(weight, unrectified, box2),
-        )  # fmt: skip
-        loss_fp = rectified(p["pred_u_w_fp"], p["mask_u_w"], p["conf_u_w"], p["ignore_mask"], weight)
+        # each strong view's box comes from the mix image, whose pixels have no partner: weight 1 there
+        loss_s1, loss_s2 = (
+            rectified(view.logits, view, cutmix(weight, unrectified, box))
+            for view, box in zip(p.strong_views, (box1, box2))
+        )
+        loss_fp = rectified(p.weak.logits_fp, p.weak, weight)
         losses = {
-            "x": self.criterion_l(p["pred_x"], p["mask_x"]) / 2,
+            "x": self.criterion_l(p.labeled_logits, p.labeled_mask) / 2,
             "s1": loss_s1 * 0.25 / 2,
             "s2": loss_s2 * 0.25 / 2,
             "fp": loss_fp * 0.5 / 2,
