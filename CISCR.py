@@ -71,8 +71,8 @@ logger = logging.getLogger("semiseg")
 def decoder_output(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, K, H, W), decoder feature (B, C, H/4, W/4), non-negative): the one place that asks
     the model for its decoder feature."""
-    out = model(x, need_feature=True)
-    return out["logits"], out["feature"]
+    out = model(x, features=True)
+    return out.logits, out.decoder
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -104,18 +104,20 @@ class Streams(TrainingData):
     through util.data's seeded loaders (so a resumed stage sees the batches an uninterrupted one would),
     and the validation loader. An epoch is one pass over the shorter stream."""
 
-    def __init__(self, cfg: dict, datasets: dict, pin_memory: bool):  # replaces TrainingData's streams
+    def __init__(
+        self, cfg: dict, datasets: dict, pin_memory: bool, worker_init=None
+    ):  # replaces TrainingData's
         if list(datasets) != ["labeled", "unlabeled"][: len(datasets)]:
             raise ValueError(f"streams must be 'labeled' and then 'unlabeled', got {list(datasets)}")
         seed, batch_size, workers = cfg["seed"], cfg["batch_size"], cfg["num_workers"]
         loaders = [
-            train_loader(dataset, batch_size, seed, _mix(seed, name), workers, pin_memory)
+            train_loader(dataset, batch_size, seed, _mix(seed, name), workers, pin_memory, worker_init)
             for name, dataset in datasets.items()
         ]
         self.loaders = [loader for loader, _ in loaders]
         self.samplers = [sampler for _, sampler in loaders]
         self.iters_per_epoch = min(s.batches_per_epoch for s in self.samplers)
-        self.val_loader = validation_loader(cfg, pin_memory)
+        self.val_loader = validation_loader(cfg, pin_memory, worker_init)
 
 
 # ---------------------------------------------------------------------------------------------- stage 1
@@ -128,9 +130,10 @@ class CrossImageSupervised(Method):
     uses_unlabeled = False
     cache_dir: str | None = None  # where the labeled class lists are cached (the pipeline's folder)
 
-    def training_data(self, pin_memory: bool, save_path: str | None) -> Streams:
+    def training_data(self, pin_memory: bool, save_path: str | None, worker_init=None) -> Streams:
         query = partner_query(self.cfg, labeled_classes(self.cfg, self.cache_dir))
-        return Streams(self.cfg, {"labeled": PairedLabeled(labeled_crops(self.cfg), query)}, pin_memory)
+        labeled = PairedLabeled(labeled_crops(self.cfg), query)
+        return Streams(self.cfg, {"labeled": labeled}, pin_memory, worker_init)
 
     def step(self, batch: dict) -> tuple[dict, dict]:
         img, mask, img_q, mask_q, region, region_q = batch["labeled"]
@@ -177,7 +180,7 @@ class RectifiedSelfTraining(Method):
             trained={"model": model}, frozen={"teacher": load_teacher(self.cfg, self.teacher_path)}
         )
 
-    def training_data(self, pin_memory: bool, save_path: str | None) -> Streams:
+    def training_data(self, pin_memory: bool, save_path: str | None, worker_init=None) -> Streams:
         classes = labeled_classes(self.cfg, self.cache_dir)
         if self.query_lists is not None:
             classes = classes.with_lists(self.query_lists)
@@ -186,7 +189,7 @@ class RectifiedSelfTraining(Method):
             partner_query(self.cfg, classes),
         )  # fmt: skip
         labeled = labeled_crops(self.cfg, nsample=len(self.items))
-        return Streams(self.cfg, {"labeled": labeled, "unlabeled": unlabeled}, pin_memory)
+        return Streams(self.cfg, {"labeled": labeled, "unlabeled": unlabeled}, pin_memory, worker_init)
 
     def step(self, batch: dict) -> tuple[dict, dict]:
         img_x, mask_x = batch["labeled"]
@@ -230,10 +233,14 @@ class OnlineCISCR(UniMatch):
         teacher.eval()
         return Networks(trained={"model": model}, frozen={"teacher": teacher})
 
-    def training_data(self, pin_memory: bool, save_path: str | None) -> TrainingData:
+    def training_data(self, pin_memory: bool, save_path: str | None, worker_init=None) -> TrainingData:
         query = partner_query(self.cfg, labeled_classes(self.cfg, save_path))
         return TrainingData(
-            self.cfg, True, pin_memory, wrap_unlabeled=lambda dataset: WithPartner(dataset, query)
+            self.cfg,
+            True,
+            pin_memory,
+            worker_init,
+            wrap_unlabeled=lambda dataset: WithPartner(dataset, query),
         )
 
     def rectifying_weight(self, img_u_w, pseudo_label, img_q, mask_q) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,25 +262,24 @@ class OnlineCISCR(UniMatch):
         *unlabeled, img_q, mask_q = batch["unlabeled"]
         img_u_w, _, _, ignore_mask, box1, box2 = unlabeled
         p = self.predict({**batch, "unlabeled": tuple(unlabeled)})
-        pseudo_label = p["mask_u_w"].masked_fill(ignore_mask == IGNORE, IGNORE)
+        pseudo_label = p.weak.pseudo_label.masked_fill(ignore_mask == IGNORE, IGNORE)
         weight, shared = self.rectifying_weight(img_u_w, pseudo_label, img_q, mask_q)
         unrectified = torch.ones_like(weight)
 
-        def rectified(logits, label, confidence, ignore, pixel_weight):
-            confident = (confidence >= self.cfg["conf_thresh"]).float()
-            return rectified_cross_entropy(logits, label, pixel_weight * confident, ignore != IGNORE)
+        def rectified(logits, view, pixel_weight):
+            confident = (view.confidence >= self.cfg["conf_thresh"]).float()
+            return rectified_cross_entropy(
+                logits, view.pseudo_label, pixel_weight * confident, view.ignore_mask != IGNORE
+            )
 
-        loss_s1 = rectified(
-            p["pred_u_s1"], p["mask_u_w_cutmixed1"], p["conf_u_w_cutmixed1"], p["ignore_mask_cutmixed1"],
-            cutmix(weight, unrectified, box1),
-        )  # fmt: skip
-        loss_s2 = rectified(
-            p["pred_u_s2"], p["mask_u_w_cutmixed2"], p["conf_u_w_cutmixed2"], p["ignore_mask_cutmixed2"],
-            cutmix(weight, unrectified, box2),
-        )  # fmt: skip
-        loss_fp = rectified(p["pred_u_w_fp"], p["mask_u_w"], p["conf_u_w"], p["ignore_mask"], weight)
+        # each strong view's box comes from the mix image, whose pixels have no partner: weight 1 there
+        loss_s1, loss_s2 = (
+            rectified(view.logits, view, cutmix(weight, unrectified, box))
+            for view, box in zip(p.strong_views, (box1, box2))
+        )
+        loss_fp = rectified(p.weak.logits_fp, p.weak, weight)
         losses = {
-            "x": self.criterion_l(p["pred_x"], p["mask_x"]) / 2,
+            "x": self.criterion_l(p.labeled_logits, p.labeled_mask) / 2,
             "s1": loss_s1 * 0.25 / 2,
             "s2": loss_s2 * 0.25 / 2,
             "fp": loss_fp * 0.5 / 2,

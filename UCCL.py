@@ -10,35 +10,16 @@ code (docs/DIFFERENCES.md).
         --save-path runs/uccl_366
 """
 
-from unimatch import UniMatch, cutmix, resize_feature, sample_to_grid
+import torch
+
+from unimatch import Prediction, UniMatch, View, cutmix, resize_feature, sample_to_grid
 from util.engine import main
+from util.losses import IGNORE
 from util.losses.uccl import ckr_loss, sbu_loss
 
 
 class UCCL(UniMatch):
     """UniMatch + SBU (semantic backpropagation update) + CKR (class-aware knowledge regulation)."""
-
-    need_feature = True
-
-    def weak_and_strong_views(self, batch: dict, p: dict, k: int) -> tuple:
-        """Features and low-resolution logits of strong view k and of the weak view of its content, on the
-        stride-4 grid: (feat_weak, logits_weak, feat_strong, logits_strong)."""
-        cfg = self.cfg["uccl"]
-        name = "enc" if cfg["feature"] == "encoder" else "feat"
-        logits_strong = p[f"logits_low_u_s{k}"]
-        size = tuple(logits_strong.shape[-2:])
-        feat_strong = resize_feature(p[f"{name}_u_s{k}"], size)
-        if cfg["weak_view"] == "pasted":
-            # u_w with the box pasted from the mix image, taken from the forwards UniMatch already ran
-            feat_weak = self.weak_cutmixed(p, name, k, size)
-            logits_weak = self.weak_cutmixed(p, "logits_low", k)
-        else:
-            # released: one more train-mode forward of the CutMixed weak image
-            img_u_w, img_u_w_mix = batch["unlabeled"][0], batch["mix"][0]
-            out = self.model(cutmix(img_u_w, img_u_w_mix, p[f"cutmix_box{k}"]), need_feature=True)
-            feat_weak = resize_feature(out["encoder_feature" if name == "enc" else "feature"], size)
-            logits_weak = out["logits_low"]
-        return feat_weak, logits_weak, feat_strong, logits_strong
 
     def step(self, batch: dict) -> tuple[dict, dict]:
         cfg = self.cfg["uccl"]
@@ -50,19 +31,36 @@ class UCCL(UniMatch):
         thresh = self.cfg["conf_thresh"] if sbu_released else cfg["uncertain_thresh"]
         sign = 1.0 if cfg["similarity"] == "positive" else -1.0
         loss_sbu, loss_ckr = [], []
-        for k in (1, 2):
-            feat_weak, logits_weak, feat_strong, logits_strong = self.weak_and_strong_views(batch, p, k)
-            valid = sample_to_grid(p[f"ignore_mask_cutmixed{k}"], tuple(logits_strong.shape[-2:])) != 255
+        for strong in p.strong_views:
+            # both views of the same content on the stride-4 grid: features F_w, F_s and logits z_w, z_s
+            grid = tuple(strong.logits_low.shape[-2:])
+            feat_weak, logits_weak = self.weak_view_of(batch, p, strong, grid)
+            feat_strong = resize_feature(strong.feature(cfg["feature"]), grid)
+            valid = sample_to_grid(strong.ignore_mask, grid) != IGNORE
             loss_sbu.append(
                 sbu_loss(
-                    feat_weak, feat_strong, logits_weak, logits_strong, valid, thresh, sign, sbu_released
+                    feat_weak, feat_strong, logits_weak, strong.logits_low, valid, thresh, sign, sbu_released
                 )
             )
             loss_ckr.append(ckr_loss(feat_weak, feat_strong, logits_weak, valid, ckr_released))
 
-        losses["sbu"] = cfg["sbu_weight"] * (loss_sbu[0] + loss_sbu[1]) / 2
-        losses["ckr"] = cfg["ckr_weight"] * (loss_ckr[0] + loss_ckr[1]) / 2
+        losses["sbu"] = cfg["sbu_weight"] * sum(loss_sbu) / len(loss_sbu)
+        losses["ckr"] = cfg["ckr_weight"] * sum(loss_ckr) / len(loss_ckr)
         return losses, stats
+
+    def weak_view_of(
+        self, batch: dict, p: Prediction, strong: View, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature (B, C, h, w) and low-resolution logits (B, K, h, w) of the weak view of strong view
+        `strong`'s content, on the stride-4 grid."""
+        level = self.cfg["uccl"]["feature"]
+        if self.cfg["uccl"]["weak_view"] == "pasted":
+            # u_w with the box pasted from the mix image, taken from the forwards UniMatch already ran
+            return p.weak_cutmixed(strong, level, grid), p.weak_cutmixed(strong, "logits_low")
+        # released: one more train-mode forward of the CutMixed weak image
+        img_u_w, img_u_w_mix = batch["unlabeled"][0], batch["mix"][0]
+        out = self.model(cutmix(img_u_w, img_u_w_mix, strong.cutmix_box), features=True)
+        return resize_feature(out.feature(level), grid), out.logits_low
 
 
 METHOD = UCCL

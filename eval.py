@@ -18,18 +18,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset.classes import class_names, palette
+from dataset.classes import dataset_classes
 from dataset.semi import SemiDataset
-from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model
 from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup, init_distributed
 from util.engine import AMP_DTYPES, EXIT_BAD_INPUT, prepare_demo_data
 from util.metrics import ShardSampler, evaluate, format_iou_table
+from util.visualise import side_by_side
 
-MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def parse_args(argv=None):
@@ -43,7 +47,9 @@ def parse_args(argv=None):
         "--mode", choices=("original", "center_crop", "sliding_window"), help="default: config"
     )
     parser.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
-    parser.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.75 1.0 1.25")
+    parser.add_argument(
+        "--scales", type=positive_float, nargs="+", help="multi-scale inference, e.g. 0.75 1.0 1.25"
+    )
     parser.add_argument("--save-vis", metavar="DIR", help="write image | ground truth | prediction PNGs here")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. backbone=resnet50")
     return parser.parse_intermixed_args(argv)
@@ -58,13 +64,14 @@ class VisualisationWriter:
         self.colours = colours
 
     def __call__(self, img, mask, pred, ids):
-        image = ((img[0].cpu().float() * STD + MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        gt = self.colours[mask[0].cpu().numpy().astype(np.uint8)]
-        pr = self.colours[pred[0].cpu().numpy().astype(np.uint8)]
-        name = os.path.splitext(os.path.basename(ids[0]))[0]
-        Image.fromarray(np.concatenate([image, gt, pr], axis=1)).save(
-            os.path.join(self.folder, name + ".png")
-        )
+        picture = side_by_side(img[0], mask[0], pred[0], self.colours)
+        # The split's relative path, so that images of one name in different folders do not collide.
+        parts = [
+            p for p in os.path.normpath(os.path.splitext(ids[0])[0]).split(os.sep) if p not in ("", "..")
+        ]
+        path = os.path.join(self.folder, *parts) + ".png"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(picture).save(path)
 
 
 def main(argv=None) -> dict:
@@ -76,10 +83,11 @@ def main(argv=None) -> dict:
     try:
         cfg = load_config(args.config, overrides)
         if dist_info.is_main:
-            prepare_demo_data(cfg)
+            prepare_demo_data(cfg, generate=False)
         state = ckpt.load(args.checkpoint)
         model = build_model({**cfg, "pretrained": None}).to(dist_info.device)
         ckpt.load_model_weights(model, ckpt.model_state(state), args.checkpoint)
+        classes = dataset_classes(cfg)
         val = SemiDataset(
             cfg["data_root"], "val", cfg["val_id_path"], nclass=cfg["nclass"],
             allow_outside_root=cfg["allow_outside_data_root"],
@@ -94,7 +102,7 @@ def main(argv=None) -> dict:
     scales = tuple(args.scales or cfg["eval_scales"])
     on_prediction = None
     if args.save_vis:
-        on_prediction = VisualisationWriter(args.save_vis, palette(cfg["dataset"], cfg["nclass"]))
+        on_prediction = VisualisationWriter(args.save_vis, classes.palette)
     amp_dtype = AMP_DTYPES[cfg["amp"]]
     flip = args.flip or cfg["eval_flip"]
     result = evaluate(
@@ -105,9 +113,11 @@ def main(argv=None) -> dict:
         where = f" (iteration {state['iteration']})" if "iteration" in state else ""
         if "network" in state:
             where += f", network '{state['network']}'"
+        if "method_name" in state:
+            where += f", written by {state['method_name']}, code {state.get('code_version', 'unknown')}"
         print(f"{args.checkpoint}{where} on {cfg['val_id_path']}: {len(val)} images, mode {mode}, "
               f"flip {flip}, scales {list(scales)}")  # fmt: skip
-        print(format_iou_table(result["iou"], class_names(cfg["dataset"], cfg["nclass"])))
+        print(format_iou_table(result["iou"], classes.names))
         if args.save_vis:
             print(f"predictions saved to {args.save_vis}")
     cleanup()

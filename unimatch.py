@@ -6,11 +6,14 @@ CutMixed strong views and feature-level perturbation (channel dropout) on the we
         --save-path runs/unimatch_366
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from model.semseg.deeplabv3plus import SegmentationOutput
 from util.engine import Method, main
-from util.losses import confident_cross_entropy
+from util.losses import IGNORE, confident_cross_entropy
 
 
 def cutmix(image: torch.Tensor, image_mix: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -39,15 +42,83 @@ def resize_feature(feature: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(feature, size=size, mode="bilinear", align_corners=True)
 
 
+@dataclass(kw_only=True)
+class View(SegmentationOutput):
+    """One unlabeled view of a UniMatch step: the model's maps of it (see SegmentationOutput) and the
+    targets its losses read, at full resolution (B, H, W).
+
+    pseudo_label  long, the class the view is trained towards
+    confidence    float, the max softmax probability that pseudo-label came with
+    ignore_mask   IGNORE (255) on crop padding
+    cutmix_box    1 where the view shows the mix image (strong views); None for the weak and mix views
+    """
+
+    pseudo_label: torch.Tensor
+    confidence: torch.Tensor
+    ignore_mask: torch.Tensor
+    cutmix_box: torch.Tensor | None = None
+
+
+def with_targets(out: SegmentationOutput, **targets) -> View:
+    """The model's maps of a view plus its targets (pseudo_label, confidence, ignore_mask, cutmix_box)."""
+    return View(**vars(out), **targets)
+
+
+@dataclass
+class Prediction:
+    """What the forward passes of one UniMatch step give: predictions, features and pseudo-labels.
+
+    labeled_logits  (B_l, K, H, W) the labeled images' logits, trained on labeled_mask (B_l, H, W)
+    weak            u_w in train mode (the clean half of the feature-perturbation pass): its features
+                    carry gradient, its logits are detached (they only make targets), its pseudo-label
+                    is its own argmax, and logits_fp holds the perturbed copy's logits
+    mix             the mix image's weak view in eval mode, without gradient: the source of every
+                    pasted region's pseudo-label and features
+    strong_views    the CutMixed strong views u_s1, u_s2 (with gradient); their targets are the weak
+                    pseudo-labels with each box pasted from the mix view's
+    """
+
+    labeled_logits: torch.Tensor
+    labeled_mask: torch.Tensor
+    weak: View
+    mix: View
+    strong_views: list[View]
+
+    def weak_cutmixed(self, view: View, name: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The weak view of the content of strong view `view`: the map `name` (a SegmentationOutput
+        field: 'encoder', 'decoder', 'logits_low', ...) of the weak view, with the view's box pasted from
+        the mix view, resized to `size` (default: the map's own resolution).
+
+        A strong view is u_s with its box pasted from the mix image; its pixel-aligned weak counterpart is
+        u_w with the same box pasted from the mix image. Pasting the two weak forwards' outputs gives it
+        without a forward pass of its own (as UniMatch builds the strong views' pseudo-labels). The weak
+        part carries its gradient; the mix part, from the no-grad eval forward, has none.
+        """
+        return paste_resized(getattr(self.weak, name), getattr(self.mix, name), view.cutmix_box, size)
+
+
+def paste_resized(
+    image: torch.Tensor, image_mix: torch.Tensor, box: torch.Tensor, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Two maps (B, C, h, w) resized to `size` (default: their own) and pasted by the full-resolution box
+    (B, H, W) sampled at the pixels of that grid."""
+    size = tuple(image.shape[-2:]) if size is None else tuple(size)
+    return cutmix(resize_feature(image, size), resize_feature(image_mix, size), sample_to_grid(box, size))
+
+
+def confidence_and_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, H, W) logits -> max softmax probability and argmax, each (B, H, W)."""
+    return logits.softmax(dim=1).max(dim=1)
+
+
 class UniMatch(Method):
     """UniMatch: labeled CE + confident CE on CutMixed strong views and on the feature-perturbed weak view."""
 
-    need_feature = False  # methods built on this step (UCCL, MLCL) ask for the decoder features
+    def predict(self, batch: dict) -> Prediction:
+        """The forward passes of one UniMatch step and the pseudo-labels they give.
 
-    def predict(self, batch: dict) -> dict:
-        """The forward passes of one UniMatch step and the pseudo-labels they give (spec section 0.4).
-
-        Returns a dict of tensors that the losses below, and those of methods built on UniMatch, read.
+        Three passes: the mix images in eval mode without gradient; the labeled and weak images with the
+        weak view's feature-perturbed copy, as one batch; the two CutMixed strong views, as one batch.
         """
         img_x, mask_x = batch["labeled"]
         img_u_w, img_u_s1, img_u_s2, ignore_mask, cutmix_box1, cutmix_box2 = batch["unlabeled"]
@@ -57,106 +128,56 @@ class UniMatch(Method):
         # Pseudo-labels for the pasted regions come from an eval-mode forward of the mix images.
         with torch.no_grad():
             model.eval()
-            out_mix = model(img_u_w_mix, need_feature=self.need_feature)
-            pred_u_w_mix = out_mix["logits"] if self.need_feature else out_mix
-            conf_u_w_mix, mask_u_w_mix = pred_u_w_mix.softmax(dim=1).max(dim=1)
+            out_mix = model(img_u_w_mix, features=True)
+            conf_mix, label_mix = confidence_and_label(out_mix.logits)
         model.train()
+        mix = with_targets(out_mix, pseudo_label=label_mix, confidence=conf_mix, ignore_mask=ignore_mask_mix)
 
         img_u_s1 = cutmix(img_u_s1, img_u_s1_mix, cutmix_box1)
         img_u_s2 = cutmix(img_u_s2, img_u_s2_mix, cutmix_box2)
 
         num_lb, num_ulb = img_x.shape[0], img_u_w.shape[0]
-        out = model(torch.cat((img_x, img_u_w)), need_fp=True, need_feature=self.need_feature)
-        preds, preds_fp = (out["logits"], out["logits_fp"]) if self.need_feature else out
-        pred_x, pred_u_w = preds.split([num_lb, num_ulb])
-        pred_u_w_fp = preds_fp[num_lb:]
-
-        out_s = model(torch.cat((img_u_s1, img_u_s2)), need_feature=self.need_feature)
-        preds_s = out_s["logits"] if self.need_feature else out_s
-        pred_u_s1, pred_u_s2 = preds_s.chunk(2)
+        out = model(torch.cat((img_x, img_u_w)), features=True, perturb=True)
+        out_x, out_w = out.split([num_lb, num_ulb])
+        out_s = model(torch.cat((img_u_s1, img_u_s2)), features=True).split([num_ulb, num_ulb])
 
         # Pseudo-labels of the weak view come from the same train-mode forward, without gradient.
-        pred_u_w = pred_u_w.detach()
-        conf_u_w, mask_u_w = pred_u_w.softmax(dim=1).max(dim=1)
+        out_w.logits = out_w.logits.detach()
+        conf_w, label_w = confidence_and_label(out_w.logits)
+        weak = with_targets(out_w, pseudo_label=label_w, confidence=conf_w, ignore_mask=ignore_mask)
 
         # Targets of the strong views: the weak pseudo-label, with the pasted box taken from the mix image.
-        mask_u_w_cutmixed1 = cutmix(mask_u_w, mask_u_w_mix, cutmix_box1)
-        conf_u_w_cutmixed1 = cutmix(conf_u_w, conf_u_w_mix, cutmix_box1)
-        ignore_mask_cutmixed1 = cutmix(ignore_mask, ignore_mask_mix, cutmix_box1)
-        mask_u_w_cutmixed2 = cutmix(mask_u_w, mask_u_w_mix, cutmix_box2)
-        conf_u_w_cutmixed2 = cutmix(conf_u_w, conf_u_w_mix, cutmix_box2)
-        ignore_mask_cutmixed2 = cutmix(ignore_mask, ignore_mask_mix, cutmix_box2)
+        strong_views = [
+            with_targets(
+                out_s_k,
+                pseudo_label=cutmix(weak.pseudo_label, mix.pseudo_label, box),
+                confidence=cutmix(weak.confidence, mix.confidence, box),
+                ignore_mask=cutmix(weak.ignore_mask, mix.ignore_mask, box),
+                cutmix_box=box,
+            )
+            for out_s_k, box in zip(out_s, (cutmix_box1, cutmix_box2))
+        ]
+        return Prediction(out_x.logits, mask_x, weak, mix, strong_views)
 
-        result = dict(
-            pred_x=pred_x, mask_x=mask_x,
-            pred_u_w=pred_u_w, conf_u_w=conf_u_w, mask_u_w=mask_u_w, ignore_mask=ignore_mask,
-            pred_u_w_fp=pred_u_w_fp,
-            pred_u_s1=pred_u_s1, mask_u_w_cutmixed1=mask_u_w_cutmixed1,
-            conf_u_w_cutmixed1=conf_u_w_cutmixed1, ignore_mask_cutmixed1=ignore_mask_cutmixed1,
-            pred_u_s2=pred_u_s2, mask_u_w_cutmixed2=mask_u_w_cutmixed2,
-            conf_u_w_cutmixed2=conf_u_w_cutmixed2, ignore_mask_cutmixed2=ignore_mask_cutmixed2,
-        )  # fmt: skip
-        if self.need_feature:
-            # Features of the weak view (clean half of the FP pass, with gradient), of the mix image (eval
-            # mode, no gradient) and of the two CutMixed strong views: 'feat' is the decoder feature
-            # (B, C, h, w) at stride 4, 'enc' the encoder output (ASPP) at stride 16, 'logits_low' the
-            # classifier output at stride 4 (B, K, h, w), 'low_level' the backbone's stride-4 feature that
-            # `decode(low_level, enc)` needs to re-run the decoder from a perturbed encoder output.
-            names = ("feat", "enc", "logits_low", "low_level")
-            keys = ("feature", "encoder_feature", "logits_low", "low_level")
-            for name, key in zip(names, keys):
-                result[f"{name}_u_w"] = out[key][num_lb:]
-                result[f"{name}_u_w_mix"] = out_mix[key]
-                result[f"{name}_u_s1"], result[f"{name}_u_s2"] = out_s[key].chunk(2)
-            result["cutmix_box1"], result["cutmix_box2"] = cutmix_box1, cutmix_box2
-        return result
-
-    @staticmethod
-    def weak_cutmixed(p: dict, name: str, k: int, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """The weak view of the content of strong view k, from `p[name + '_u_w']` and `p[name + '_u_w_mix']`
-        resized to `size` (default: their own resolution).
-
-        Strong view k is u_s_k with its box pasted from the mix image; its pixel-aligned weak counterpart
-        is u_w with the same box pasted from the mix image. Pasting the two weak forwards' outputs gives it
-        without a forward pass of its own (as UniMatch builds the strong views' pseudo-labels). The weak
-        half carries its gradient; the mix half, from the no-grad eval forward, has none.
-        """
-        weak, mix = p[f"{name}_u_w"], p[f"{name}_u_w_mix"]
-        size = tuple(weak.shape[-2:]) if size is None else tuple(size)
-        box = sample_to_grid(p[f"cutmix_box{k}"], size)
-        return cutmix(resize_feature(weak, size), resize_feature(mix, size), box)
-
-    def unimatch_losses(self, p: dict) -> tuple[dict, dict]:
+    def unimatch_losses(self, p: Prediction) -> tuple[dict, dict]:
         """L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, returned as its weighted terms."""
         thresh = self.cfg["conf_thresh"]
-        loss_x = self.criterion_l(p["pred_x"], p["mask_x"])
-        loss_u_s1 = confident_cross_entropy(
-            p["pred_u_s1"],
-            p["mask_u_w_cutmixed1"],
-            p["conf_u_w_cutmixed1"],
-            p["ignore_mask_cutmixed1"],
-            thresh,
+        losses = {"x": self.criterion_l(p.labeled_logits, p.labeled_mask) / 2}
+        for k, view in enumerate(p.strong_views, start=1):
+            loss_s = confident_cross_entropy(
+                view.logits, view.pseudo_label, view.confidence, view.ignore_mask, thresh
+            )
+            losses[f"s{k}"] = loss_s * 0.25 / 2
+        weak = p.weak
+        loss_fp = confident_cross_entropy(
+            weak.logits_fp, weak.pseudo_label, weak.confidence, weak.ignore_mask, thresh
         )
-        loss_u_s2 = confident_cross_entropy(
-            p["pred_u_s2"],
-            p["mask_u_w_cutmixed2"],
-            p["conf_u_w_cutmixed2"],
-            p["ignore_mask_cutmixed2"],
-            thresh,
-        )
-        loss_u_w_fp = confident_cross_entropy(
-            p["pred_u_w_fp"], p["mask_u_w"], p["conf_u_w"], p["ignore_mask"], thresh
-        )
-        losses = {
-            "x": loss_x / 2,
-            "s1": loss_u_s1 * 0.25 / 2,
-            "s2": loss_u_s2 * 0.25 / 2,
-            "fp": loss_u_w_fp * 0.5 / 2,
-        }
+        losses["fp"] = loss_fp * 0.5 / 2
 
-        valid = p["ignore_mask"] != 255
-        mask_ratio = ((p["conf_u_w"] >= thresh) & valid).sum() / valid.sum().clamp(min=1)
-        return losses, {"mask_ratio": float(mask_ratio)}
+        valid = weak.ignore_mask != IGNORE
+        mask_ratio = ((weak.confidence >= thresh) & valid).sum() / valid.sum().clamp(min=1)
+        # the pseudo-labels' confidences (B*H*W values): a histogram in TensorBoard at each logged step
+        return losses, {"mask_ratio": mask_ratio, "confidence": weak.confidence.flatten()}
 
     def step(self, batch: dict) -> tuple[dict, dict]:
         return self.unimatch_losses(self.predict(batch))

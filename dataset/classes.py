@@ -1,6 +1,23 @@
-"""Class names and colour palettes, used for logging per-class IoU and for saving coloured masks."""
+"""Class names and colour palettes, used for logging per-class IoU and for saving coloured masks.
+
+Pascal, Cityscapes, COCO and the demo have theirs built in. For any other dataset, a classes file gives
+one line per class index, from 0: the name, optionally followed by an R G B colour (0-255)::
+
+    # data/mine/classes.txt
+    background 0 0 0
+    crack      255 0 0
+    road sign  0 0 255
+
+`dataset_classes(cfg)` reads the file the config's `classes` key names, else `<data_root>/classes.txt`
+when it exists, else the built-in names (or class_0, class_1, ...) and palette.
+"""
+
+import os
+from dataclasses import dataclass
 
 import numpy as np
+
+CLASSES_FILE = "classes.txt"
 
 PASCAL_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -86,3 +103,57 @@ def palette(dataset, nclass):
         pal = voc_colormap(256)
     pal[255] = (255, 255, 255)
     return pal
+
+
+@dataclass(frozen=True)
+class Classes:
+    names: tuple[str, ...]
+    palette: np.ndarray  # uint8 (256, 3): row c is the colour of class c; 255 (ignore) is white
+
+
+def read_classes_file(path, nclass):
+    """Names and colours from a classes file (see the module docstring); errors name the file and line.
+
+    Classes whose line gives no colour get the VOC colour of their index.
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as err:
+        raise ValueError(f"cannot read classes file {path}: {err.strerror or err}") from err
+    pal = voc_colormap(256)
+    names = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) >= 3 and all(f.lstrip("-").isdigit() for f in fields[-3:]):
+            if len(fields) == 3:
+                raise ValueError(
+                    f"{path}:{lineno}: a class name must come before the colour: {line.strip()!r}"
+                )
+            colour = [int(f) for f in fields[-3:]]
+            if not all(0 <= c <= 255 for c in colour):
+                raise ValueError(f"{path}:{lineno}: colour values must lie in [0, 255], got {colour}")
+            if len(names) < len(pal):
+                pal[len(names)] = colour
+            fields = fields[:-3]
+        names.append(" ".join(fields))
+    if len(names) != nclass:
+        raise ValueError(f"classes file {path} names {len(names)} classes, but nclass is {nclass}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"classes file {path} names the class {twice[0]!r} twice")
+    pal[255] = (255, 255, 255)
+    return Classes(tuple(names), pal)
+
+
+def dataset_classes(cfg):
+    """The Classes of a config: its `classes` file, `<data_root>/classes.txt`, or the built-in ones."""
+    path = cfg.get("classes")
+    if path is None and cfg.get("data_root"):
+        found = os.path.join(cfg["data_root"], CLASSES_FILE)
+        path = found if os.path.isfile(found) else None
+    if path is not None:
+        return read_classes_file(path, cfg["nclass"])
+    return Classes(class_names(cfg["dataset"], cfg["nclass"]), palette(cfg["dataset"], cfg["nclass"]))

@@ -167,7 +167,7 @@ class PartnerQuery:
     def _load(self, index: int):
         image_path, mask_path = (os.path.join(self.root, p) for p in self.classes.images[index])
         image, mask = load_image(image_path), load_mask(mask_path, self.nclass)
-        check_same_size(image, mask, image_path, mask_path)
+        check_same_size(image.size, mask.shape[::-1], image_path, mask_path)
         image, mask = T.random_resize(image, T.as_mask(mask), (0.5, 2.0))
         return T.random_hflip(image, mask, p=0.5)
 
@@ -247,7 +247,7 @@ class PseudoLabeled(Dataset):
         image_path, label_path = self.items[index]
         full_image_path = os.path.join(self.root, image_path)
         image, label = load_image(full_image_path), load_mask(label_path, self.nclass)
-        check_same_size(image, label, full_image_path, label_path)
+        check_same_size(image.size, label.shape[::-1], full_image_path, label_path)
         image, label = T.random_resize(image, T.as_mask(label), (0.5, 2.0))
         image, label = T.random_crop(image, label, self.crop_size, mask_fill=IGNORE)
         image, label = T.random_hflip(image, label, p=0.5)
@@ -287,6 +287,6 @@ class FullImages(Dataset):
             return T.normalize(image), torch.zeros(0, dtype=torch.long), index
         label_path = os.path.join(self.root, label_path)  # an absolute path stays as it is
         label = load_mask(label_path, self.nclass)
-        check_same_size(image, label, os.path.join(self.root, image_path), label_path)
+        check_same_size(image.size, label.shape[::-1], os.path.join(self.root, image_path), label_path)
         image, label = T.normalize(image, T.as_mask(label))
         return image, label, index

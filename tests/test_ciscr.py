@@ -247,8 +247,8 @@ def test_stage1_step_is_two_cross_entropies_plus_the_weighted_consistency():
     mask = torch.randint(0, 6, (4, 32, 32), generator=g)
     region = mask == 2
     losses, _ = method.step({"labeled": (img[:2], mask[:2], img[2:], mask[2:], region[:2], region[2:])})
-    out = model(img, need_feature=True)
-    logits, feature = out["logits"], out["feature"]
+    out = model(img, features=True)
+    logits, feature = out.logits, out.decoder
     assert losses["x"].item() == pytest.approx(
         (cross_entropy(logits[:2], mask[:2]) + cross_entropy(logits[2:], mask[2:])).item(), rel=1e-5
     )

@@ -148,9 +148,15 @@ def test_ensure_demo_marker(tmp_path):
     assert ensure_demo(root, **small) is True
     assert os.path.isfile(first_image) and os.path.isfile(os.path.join(root, ".complete"))
 
-    # Other parameters than the ones recorded in the marker: generated again.
-    assert ensure_demo(root, **{**small, "num_train": 8}) is True
-    assert len(read_lines(os.path.join(root, "splits", "unlabeled.txt"))) == 7
+    # Other parameters than the ones recorded in the marker: an error naming both, nothing overwritten.
+    marker = open(os.path.join(root, ".complete")).read()
+    with pytest.raises(ValueError, match=r"made with num_train=6; the config asks for num_train=8"):
+        ensure_demo(root, **{**small, "num_train": 8})
+    assert open(os.path.join(root, ".complete")).read() == marker
+    assert len(read_lines(os.path.join(root, "splits", "unlabeled.txt"))) == 5
+    with pytest.raises(ValueError, match="no complete demo dataset"):
+        ensure_demo(str(tmp_path / "absent"), generate=False, **small)
+    assert not os.path.exists(tmp_path / "absent")
 
 
 def test_demo_cli(tmp_path):
@@ -357,10 +363,10 @@ def test_coco_preset(tmp_path):
     for split, n in (("train2017", 600), ("val2017", 5)):
         for k in range(n):
             touch(root / split / f"{k:012d}.jpg")
-            touch(root / "masks" / split / f"{k:012d}.png")
+            touch(root / "masks" / f"{k:012d}.png")  # UniMatch's layout: one masks/ folder
     out = tmp_path / "splits"
     make_splits.main(["coco", "--data-root", str(root), "--out", str(out)])
-    assert read_lines(out / "val.txt")[0] == "val2017/000000000000.jpg masks/val2017/000000000000.png"
+    assert read_lines(out / "val.txt")[0] == "val2017/000000000000.jpg masks/000000000000.png"
     for name, n in (("1_512", 2), ("1_256", 3), ("1_128", 5), ("1_64", 10), ("1_32", 19)):
         assert len(read_lines(out / name / "labeled.txt")) == n
         assert len(read_lines(out / name / "unlabeled.txt")) == 600 - n

@@ -1,5 +1,5 @@
-"""MLCL (spec section 2): every term against a direct, loop-based computation of the spec's formula, the
-prototype memory (EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, and real runs."""
+"""MLCL: every term against a direct, loop-based computation of its formula, the prototype memory
+(EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, and real runs."""
 
 import math
 import os
@@ -33,7 +33,8 @@ def rows(t):
 
 def reference_prototype_loss(weak, strong, labels, conf, valid, memory, initialised, n, m, thresh,
                              pairing, selection, denominator):  # fmt: skip
-    """Spec 2.3 as lists: select_feature, select_feature_low and calculate_loss, class by class."""
+    """The prototype term with lists, class by class: anchor selection (most similar confident weak
+    pixels), strong-sample selection (least similar strong pixels), then the nearest-sample loss."""
     weak, strong, memory = rows(weak), rows(strong), rows(memory)
     labels, conf, valid = labels.tolist(), conf.tolist(), valid.tolist()
     list_w, classes_w, list_s, classes_s = [], [], [], []
@@ -66,7 +67,8 @@ def reference_prototype_loss(weak, strong, labels, conf, valid, memory, initiali
 
 
 def reference_update_memory(memory, initialised, features, labels, mask, momentum, released):
-    """Spec 2.3 update_memory, one class at a time (need_update set once per call)."""
+    """The memory's EMA step, one class at a time in class order; the released variant stops moving
+    initialised classes once a class has started in this call."""
     memory, initialised = rows(memory), list(initialised.tolist())
     need_update = True
     for c in sorted(set(labels.tolist())):
@@ -288,7 +290,14 @@ def test_noise_and_masking_match_loop():
 
 
 def test_sai_weight_follows_the_released_ramp():
-    table = {0: 4.54e-7, 0.25: 3.6e-5, 0.5: 8.2e-4, 0.75: 5.4e-3, 0.9: 9.0e-3, 1: 0.01}  # spec 2.4
+    table = {
+        0: 4.54e-7,
+        0.25: 3.6e-5,
+        0.5: 8.2e-4,
+        0.75: 5.4e-3,
+        0.9: 9.0e-3,
+        1: 0.01,
+    }  # 0.01 exp(-10 (1-t)^2)
     for frac, value in table.items():
         assert M.sai_weight(0.01, int(frac * 1000), 1000) == pytest.approx(value, rel=0.03)
 
@@ -317,11 +326,11 @@ def test_sai_losses_match_loop(sai_feature, sai_strength):
     losses, _ = method.sai_losses(p)
 
     torch.manual_seed(5)  # replay the draws: noise (2B, C, h, w), then masking (2B,)
-    level = "enc" if sai_feature == "encoder" else "feat"
-    strong = torch.cat([p[f"{level}_u_s1"], p[f"{level}_u_s2"]]).detach()
+    level = sai_feature
+    strong = torch.cat([view.feature(level) for view in p.strong_views]).detach()
     u_noise = torch.rand(strong.shape)
     u_mask = torch.rand(strong.shape[0])
-    weak = torch.cat([method.weak_cutmixed(p, level, 1), method.weak_cutmixed(p, level, 2)]).detach()
+    weak = torch.cat([p.weak_cutmixed(view, level) for view in p.strong_views]).detach()
     B2, C, h, w = strong.shape
     noised, masked = strong.clone(), strong.clone()
     for b in range(B2):
@@ -334,14 +343,14 @@ def test_sai_losses_match_loop(sai_feature, sai_strength):
         att = strong[b].mean(0)
         masked[b] = strong[b] * (att < att.max() * (1 - s_mask - 0.1 + 0.2 * u_mask[b])).float()
     box1, box2 = batch["unlabeled"][4], batch["unlabeled"][5]
-    prob_w = p["pred_u_w"].softmax(1)
-    prob_m = F.interpolate(p["logits_low_u_w_mix"], (17, 17), mode="bilinear", align_corners=True).softmax(1)
+    prob_w = p.weak.logits.softmax(1)
+    prob_m = F.interpolate(p.mix.logits_low, (17, 17), mode="bilinear", align_corners=True).softmax(1)
     with torch.no_grad():
         for name, feature in (("noise", noised), ("mask", masked)):
-            if level == "enc":
+            if level == "encoder":
                 # The noise and mask copies go through the decoder as one batch of 4B rows, whose BN
                 # statistics they share (train mode), so the reference decodes the same batch.
-                low = torch.cat([p["low_level_u_s1"], p["low_level_u_s2"]])
+                low = torch.cat([view.low_level for view in p.strong_views])
                 out = method.net.decode(torch.cat([low, low]), torch.cat([noised, masked]))
                 out = out[:B2] if name == "noise" else out[B2:]
             else:
@@ -359,6 +368,35 @@ def test_sai_losses_match_loop(sai_feature, sai_strength):
             assert losses[name].item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_encoder_sai_leaves_running_statistics_to_the_real_images_unless_asked():
+    """Encoder-level SAI decodes the perturbed features in train mode. By default the decoder's BN running
+    statistics do not move in that pass (its output is the same: batch statistics normalise it either
+    way); with sai_bn_update they take the perturbed batch, as before the switch existed."""
+    batch = make_batch(B=2, H=33, W=33, K=3)
+
+    def sai_pass(update):
+        method = tiny_method(sai_feature="encoder", sai_bn_update=update)
+        p = method.predict(batch)
+        before = {k: v.clone() for k, v in method.net.state_dict().items()}
+        torch.manual_seed(5)
+        losses, _ = method.sai_losses(p)
+        changed = {k for k, v in method.net.state_dict().items() if not torch.equal(v, before[k])}
+        return losses, changed
+
+    frozen_losses, frozen_changed = sai_pass(False)
+    update_losses, update_changed = sai_pass(True)
+    assert frozen_losses.keys() == update_losses.keys() == {"noise", "mask"}
+    assert all(torch.equal(frozen_losses[k], update_losses[k]) for k in frozen_losses)
+    assert frozen_changed == set()
+    decoder_bn = {f"{layer}.{stat}" for layer in ("reduce.1", "fuse.0.1", "fuse.1.1")
+                  for stat in ("running_mean", "running_var", "num_batches_tracked")}  # fmt: skip
+    assert update_changed == decoder_bn
+    # the BN layers are back to tracking afterwards
+    method = tiny_method(sai_feature="encoder")
+    method.sai_losses(method.predict(batch))
+    assert all(m.track_running_stats for m in method.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
 def test_mlcl_step_terms_and_gradient_reach():
     method = tiny_method(fka_feature="encoder", sai_feature="encoder")
     batch = make_batch(B=2, H=33, W=33, K=3)
@@ -369,19 +407,24 @@ def test_mlcl_step_terms_and_gradient_reach():
     assert stats["proto_classes"] > 0 and method.prototypes.initialised.any()
     assert not method.prototypes.memory.requires_grad
     total = sum(fka.values()) + sum(sai.values())
-    weak = ["feat_u_w", "enc_u_w", "logits_low_u_w", "low_level_u_w"]
-    strong = ["enc_u_s1", "enc_u_s2", "low_level_u_s1", "low_level_u_s2"]
-    grads = torch.autograd.grad(total, [p[k] for k in weak + strong], allow_unused=True, retain_graph=True)
+    s1, s2 = p.strong_views
+    weak = {"decoder": p.weak.decoder, "encoder": p.weak.encoder, "logits_low": p.weak.logits_low,
+            "low_level": p.weak.low_level}  # fmt: skip
+    strong = {"encoder 1": s1.encoder, "encoder 2": s2.encoder, "low_level 1": s1.low_level,
+              "low_level 2": s2.low_level}  # fmt: skip
+    grads = torch.autograd.grad(
+        total, [*weak.values(), *strong.values()], allow_unused=True, retain_graph=True
+    )
     for name, grad in zip(weak, grads[: len(weak)]):
-        assert grad is None, f"{name}: the weak view is a target and gets no MLCL gradient"
+        assert grad is None, f"weak {name}: the weak view is a target and gets no MLCL gradient"
     for name, grad in zip(strong, grads[len(weak) :]):
-        assert grad is not None and grad.abs().sum() > 0, f"{name} gets no gradient"
+        assert grad is not None and grad.abs().sum() > 0, f"strong {name} gets no gradient"
     # The released decoder level: every MLCL term starts from the strong decoder features.
     method = tiny_method(fka_feature="decoder", sai_feature="decoder")
     p = method.predict(batch)
     for terms in (method.fka_losses(p)[0], method.sai_losses(p)[0]):
         g_w, g_mix, g_s1, g_s2 = torch.autograd.grad(
-            sum(terms.values()), [p[k] for k in ("feat_u_w", "logits_low_u_w", "feat_u_s1", "feat_u_s2")],
+            sum(terms.values()), [p.weak.decoder, p.weak.logits_low, *(v.decoder for v in p.strong_views)],
             allow_unused=True, retain_graph=True,
         )  # fmt: skip
         assert g_w is None and g_mix is None and g_s1.abs().sum() > 0 and g_s2.abs().sum() > 0

@@ -4,7 +4,7 @@ import torchvision
 
 from model import build_model
 from model.backbone.resnet import BACKBONES, load_pretrained
-from model.semseg.deeplabv3plus import DeepLabV3Plus
+from model.semseg.deeplabv3plus import DeepLabV3Plus, SegmentationOutput
 
 OS_TO_DILATION = {16: (False, False, True), 8: (False, True, True)}
 EXPANSION = {"resnet18": 1, "resnet34": 1, "resnet50": 4, "resnet101": 4}
@@ -140,32 +140,43 @@ def test_deeplab_output_shapes(output_stride):
     model = small_model(output_stride=output_stride).train()
     x = torch.randn(2, 3, 32, 48)
 
-    assert model(x).shape == (2, 3, 32, 48)
+    logits = model(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 3, 32, 48)
 
-    logits, logits_fp = model(x, need_fp=True)
-    assert logits.shape == logits_fp.shape == (2, 3, 32, 48)
-    assert not torch.allclose(logits, logits_fp)
-
-    features = {"feature", "logits_low", "encoder_feature", "low_level"}
-    out = model(x, need_feature=True)
-    assert set(out) == {"logits"} | features
-    assert out["logits"].shape == (2, 3, 32, 48)
-    assert out["feature"].shape == (2, 32, 8, 12)
-    assert out["logits_low"].shape == (2, 3, 8, 12)
+    out = model(x, features=True)
+    assert isinstance(out, SegmentationOutput) and out.logits_fp is None
+    assert out.logits.shape == (2, 3, 32, 48)
+    assert out.decoder.shape == (2, 32, 8, 12)
+    assert out.logits_low.shape == (2, 3, 8, 12)
     # the ASPP output, at the backbone's output stride
-    assert out["encoder_feature"].shape == (2, 32, 32 // output_stride, 48 // output_stride)
-    assert out["low_level"].shape[-2:] == (8, 12)
+    assert out.encoder.shape == (2, 32, 32 // output_stride, 48 // output_stride)
+    assert out.low_level.shape[-2:] == (8, 12)
+    assert out.feature("encoder") is out.encoder and out.feature("decoder") is out.decoder
+    with pytest.raises(ValueError, match="feature level"):
+        out.feature("logits")
 
-    out = model(x, need_fp=True, need_feature=True)
-    assert set(out) == {"logits", "logits_fp"} | features
-    assert out["logits_fp"].shape == (2, 3, 32, 48)
-    assert out["feature"].shape == (2, 32, 8, 12)
-    assert out["logits_low"].shape == (2, 3, 8, 12)
-    assert out["encoder_feature"].shape[0] == out["low_level"].shape[0] == 2  # the clean half only
+    out = model(x, features=True, perturb=True)
+    assert out.logits.shape == out.logits_fp.shape == (2, 3, 32, 48)
+    assert not torch.allclose(out.logits, out.logits_fp)
+    assert out.decoder.shape == (2, 32, 8, 12)
+    assert out.logits_low.shape == (2, 3, 8, 12)
+    assert out.encoder.shape[0] == out.low_level.shape[0] == 2  # the clean half only
+    with pytest.raises(ValueError, match="perturb=True needs features=True"):
+        model(x, perturb=True)
+
+
+def test_output_split_is_views_of_every_field():
+    model = small_model()
+    out = model(torch.randn(3, 3, 32, 32), features=True, perturb=True)
+    first, rest = out.split([1, 2])
+    assert first.logits.shape[0] == first.logits_fp.shape[0] == first.encoder.shape[0] == 1
+    assert rest.low_level.shape[0] == 2
+    assert rest.decoder.data_ptr() == out.decoder[1:].data_ptr()  # a view, not a copy
+    torch.testing.assert_close(rest.logits_fp, out.logits_fp[1:])
 
 
 @torch.no_grad()
-def test_need_fp_clean_half_matches_plain_forward():
+def test_perturbed_forward_clean_half_matches_plain_forward():
     # eval mode: BN uses running stats, so the clean half does not depend on the perturbed half
     model = small_model()
     randomize_bn(model)
@@ -173,13 +184,10 @@ def test_need_fp_clean_half_matches_plain_forward():
     x = torch.randn(2, 3, 32, 32)
     plain = model(x)
 
-    logits, logits_fp = model(x, need_fp=True)
-    torch.testing.assert_close(logits, plain)
-    assert not torch.allclose(logits_fp, plain, atol=1e-3)
-
-    out = model(x, need_fp=True, need_feature=True)
-    torch.testing.assert_close(out["logits"], plain)
-    torch.testing.assert_close(out["feature"], model(x, need_feature=True)["feature"])
+    out = model(x, features=True, perturb=True)
+    torch.testing.assert_close(out.logits, plain)
+    assert not torch.allclose(out.logits_fp, plain, atol=1e-3)
+    torch.testing.assert_close(out.decoder, model(x, features=True).decoder)
 
 
 @torch.no_grad()
@@ -188,19 +196,19 @@ def test_feature_and_classify():
     randomize_bn(model)
     model.eval()
     x = torch.randn(2, 3, 40, 40)
-    out = model(x, need_feature=True)
-    feature = out["feature"]
+    out = model(x, features=True)
+    feature = out.decoder
 
     assert feature.shape == (2, 16, 10, 10)
     assert (feature >= 0).all() and (feature > 0).any()
-    torch.testing.assert_close(model.classify(feature), out["logits_low"])
+    torch.testing.assert_close(model.classify(feature), out.logits_low)
     upsampled = torch.nn.functional.interpolate(
         model.classify(feature), size=(40, 40), mode="bilinear", align_corners=True
     )
-    torch.testing.assert_close(upsampled, out["logits"])
-    torch.testing.assert_close(out["logits"], model(x))
+    torch.testing.assert_close(upsampled, out.logits)
+    torch.testing.assert_close(out.logits, model(x))
     # the decoder re-run from the returned encoder output and low-level feature gives the same feature
-    torch.testing.assert_close(model.decode(out["low_level"], out["encoder_feature"]), feature)
+    torch.testing.assert_close(model.decode(out.low_level, out.encoder), feature)
 
 
 def test_head_sizes():

@@ -1,5 +1,5 @@
-"""UCCL: SBU and CKR against direct loop computations of the spec's formulas (paper and released
-variants), their gradient paths, the step's forward passes, and a two-process run that resumes."""
+"""UCCL: SBU and CKR against direct loop computations of their formulas (paper and released variants),
+their gradient paths, the step's forward passes, and a two-process run that resumes."""
 
 import math
 import sys
@@ -59,8 +59,8 @@ def sbu_reference(fw, fs, zw, zs, valid, thresh, sign, released):
                 for p in pixels
                 if label[p] == c
                 and valid[b, p[0], p[1]]
-                and max(prob_w[p]) <= thresh
-                and (released or max(prob_s[p]) <= thresh)
+                # uncertain: the weak view (released), or either view (paper)
+                and (max(prob_w[p]) <= thresh or (not released and max(prob_s[p]) <= thresh))
             ]
             if not region:
                 continue
@@ -134,6 +134,21 @@ def test_sbu_paper_and_released_differ_and_empty_is_zero():
     assert sbu_loss(fw, fs, zw, zs, valid, 0.0, released=True).item() == 0.0
 
 
+def test_sbu_uncertain_when_either_view_is_unsure():
+    """One pixel, classes 0/1: its weak prediction is sure of class 0 (p = 0.99), its strong one is not
+    (0.5), or the other way round. Paper: uncertain either way, so SBU is the strong CE of class 0 there;
+    released: uncertain only when the weak view is unsure."""
+    feat = torch.ones(1, 2, 1, 1)
+    sure, unsure = torch.tensor([4.6, 0.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)
+    valid = torch.ones(1, 1, 1, dtype=torch.bool)
+    for weak, strong in ((sure, unsure), (unsure, sure)):
+        ce = torch.nn.functional.cross_entropy(strong, torch.zeros(1, 1, 1, dtype=torch.long))
+        assert sbu_loss(feat, feat, weak, strong, valid, 0.9).item() == pytest.approx(ce.item())
+    assert sbu_loss(feat, feat, sure, unsure, valid, 0.9, released=True).item() == 0.0
+    # both views sure: no uncertain pixel
+    assert sbu_loss(feat, feat, sure, sure, valid, 0.9).item() == 0.0
+
+
 @pytest.mark.parametrize("released", [False, True])
 def test_ckr_matches_loop_reference(released):
     for seed in range(3):
@@ -150,7 +165,7 @@ def test_ckr_released_weights_stay_finite_with_large_logits():
     assert got.item() == pytest.approx(ckr_reference(fw, fs, zw, valid, True), rel=1e-5, abs=1e-7)
 
 
-# ---------------------------------------------------------------- gradient paths (spec 1.5)
+# ---------------------------------------------------------------- gradient paths
 def grads(loss_fn, released):
     fw, fs, zw, zs, valid = (t.requires_grad_() if t.is_floating_point() else t for t in tiny_inputs())
     loss = loss_fn(fw, fs, zw, zs, valid, released)

@@ -1,4 +1,6 @@
-"""The UniMatch step against a direct, pixel-by-pixel computation of spec section 0.4."""
+"""The UniMatch step against a direct, pixel-by-pixel computation: labeled cross-entropy, and confident
+cross-entropy on the CutMixed strong views (targets pasted from the mix image's eval-mode prediction) and
+on the feature-perturbed weak view, divided by the number of not-padding pixels."""
 
 import math
 
@@ -6,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from model.semseg.deeplabv3plus import SegmentationOutput
 from tests.conftest import make_method
 from unimatch import UniMatch, cutmix, sample_to_grid
 from util.losses import cross_entropy
@@ -13,17 +16,17 @@ from util.losses import cross_entropy
 
 class PointwiseModel(nn.Module):
     """A 1x1 conv with the segmentation model's call signature; its 'feature perturbation' is a fixed
-    scaling so the test can recompute everything by hand."""
+    scaling so the test can recompute everything by hand. Its feature maps are the input itself."""
 
     def __init__(self, nclass):
         super().__init__()
         self.conv = nn.Conv2d(3, nclass, 1)
 
-    def forward(self, x, need_fp=False, need_feature=False):
+    def forward(self, x, features=False, perturb=False):
         logits = self.conv(x)
-        if need_fp:
-            return logits, self.conv(x * 0.5)
-        return logits
+        if not features:
+            return logits
+        return SegmentationOutput(logits, logits, x, x, x, self.conv(x * 0.5) if perturb else None)
 
 
 def log_softmax_at(logits, b, y, x, c):
@@ -41,18 +44,27 @@ def argmax_conf(logits, b, y, x):
     return best, probs[best] / total
 
 
-def make_batch(B=2, H=4, W=4, K=3, seed=0):
+def make_batch(B=2, H=4, W=4, K=3, seed=0, padded_rows=1, rectangles=False):
+    """A random batch: labels with one ignored pixel, `padded_rows` padded bottom rows, and CutMix boxes
+    that are random pixel sets or, with `rectangles`, one H/2 x W/2 rectangle (the same for every image)."""
     g = torch.Generator().manual_seed(seed)
     img_x = torch.randn(B, 3, H, W, generator=g)
     mask_x = torch.randint(0, K, (B, H, W), generator=g)
     mask_x[0, 0, 0] = 255
 
+    def box():
+        if not rectangles:
+            return torch.randint(0, 2, (B, H, W), generator=g)
+        box = torch.zeros(B, H, W, dtype=torch.long)
+        top, left = torch.randint(0, min(H, W) // 2, (2,), generator=g).tolist()
+        box[:, top : top + H // 2, left : left + W // 2] = 1
+        return box
+
     def unlabeled():
         imgs = [torch.randn(B, 3, H, W, generator=g) for _ in range(3)]
         ignore = torch.zeros(B, H, W, dtype=torch.long)
-        ignore[:, -1, :] = 255  # a padded bottom row
-        boxes = [torch.randint(0, 2, (B, H, W), generator=g) for _ in range(2)]
-        return (*imgs, ignore, *boxes)
+        ignore[:, -padded_rows:, :] = 255
+        return (*imgs, ignore, box(), box())
 
     return {"labeled": (img_x, mask_x), "unlabeled": unlabeled(), "mix": unlabeled()}
 
@@ -116,7 +128,8 @@ def test_unimatch_loss_equals_hand_computation(thresh):
     assert losses["s1"].item() == pytest.approx(loss_s1 * 0.25 / 2, rel=1e-5)
     assert losses["s2"].item() == pytest.approx(loss_s2 * 0.25 / 2, rel=1e-5)
     assert losses["fp"].item() == pytest.approx(loss_fp * 0.5 / 2, rel=1e-5)
-    assert stats["mask_ratio"] == pytest.approx(confident / valid)
+    assert stats["mask_ratio"].dim() == 0, "a tensor: the engine converts it in its one host sync"
+    assert stats["mask_ratio"].item() == pytest.approx(confident / valid)
 
 
 def test_unimatch_gradients_skip_pseudo_labels():
@@ -143,24 +156,38 @@ def test_sample_to_grid_is_stride_4_subsampling_for_4h_minus_3():
     torch.testing.assert_close(sample_to_grid(mask, (4, 3)), mask[:, ::4, ::4])
 
 
-def test_predict_features_and_weak_view_of_cutmixed_content():
+def test_predict_views_and_weak_view_of_cutmixed_content():
     from model.semseg.deeplabv3plus import DeepLabV3Plus
 
     torch.manual_seed(0)
     model = DeepLabV3Plus("resnet18", nclass=3, dilations=(1, 2, 3), width=8, head_channels=16)
     method = make_method(UniMatch, model, {"conf_thresh": 0.5}, cross_entropy)
-    method.need_feature = True
     batch = make_batch(B=2, H=33, W=33, K=3)
     p = method.predict(batch)
-    assert p["feat_u_w"].shape == p["feat_u_w_mix"].shape == p["feat_u_s1"].shape == (2, 16, 9, 9)
-    assert p["enc_u_w"].shape == (2, 16, 3, 3) and p["logits_low_u_s2"].shape == (2, 3, 9, 9)
-    assert p["feat_u_w"].requires_grad and not p["feat_u_w_mix"].requires_grad
+    _, _, _, ignore, box1, box2 = batch["unlabeled"]
+    ignore_mix = batch["mix"][3]
+    assert len(p.strong_views) == 2
+    assert p.weak.decoder.shape == p.mix.decoder.shape == p.strong_views[0].decoder.shape == (2, 16, 9, 9)
+    assert p.weak.encoder.shape == (2, 16, 3, 3) and p.strong_views[1].logits_low.shape == (2, 3, 9, 9)
+    assert p.weak.decoder.requires_grad and not p.mix.decoder.requires_grad
+    assert not p.weak.logits.requires_grad and p.weak.logits_fp.requires_grad
+    assert p.strong_views[0].logits.requires_grad and p.strong_views[0].logits_fp is None
 
-    weak = UniMatch.weak_cutmixed(p, "feat", 1)
-    box = batch["unlabeled"][4][:, ::4, ::4].bool()  # 33 = 4*9 - 3: the feature grid is every 4th pixel
-    inside = box.unsqueeze(1).expand_as(weak)
-    torch.testing.assert_close(weak[inside], p["feat_u_w_mix"][inside])
-    torch.testing.assert_close(weak[~inside], p["feat_u_w"][~inside])
-    # at another size, both halves are resized first
-    enc = UniMatch.weak_cutmixed(p, "enc", 2, size=(9, 9))
+    # Each strong view's targets: the weak ones outside its box, the mix view's inside it.
+    for view, box in zip(p.strong_views, (box1, box2)):
+        assert view.cutmix_box is box
+        inside = box.bool()
+        assert torch.equal(view.pseudo_label[inside], p.mix.pseudo_label[inside])
+        assert torch.equal(view.pseudo_label[~inside], p.weak.pseudo_label[~inside])
+        assert torch.equal(view.confidence[inside], p.mix.confidence[inside])
+        assert torch.equal(view.ignore_mask, torch.where(inside, ignore_mix, ignore))
+    conf, label = p.weak.logits.softmax(1).max(1)
+    assert torch.equal(p.weak.pseudo_label, label) and torch.equal(p.weak.confidence, conf)
+
+    weak = p.weak_cutmixed(p.strong_views[0], "decoder")
+    inside = box1[:, ::4, ::4].bool().unsqueeze(1).expand_as(weak)  # 33 = 4*9 - 3: every 4th pixel
+    torch.testing.assert_close(weak[inside], p.mix.decoder[inside])
+    torch.testing.assert_close(weak[~inside], p.weak.decoder[~inside])
+    # at another size, both parts are resized first
+    enc = p.weak_cutmixed(p.strong_views[1], "encoder", size=(9, 9))
     assert enc.shape == (2, 16, 9, 9)

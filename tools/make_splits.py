@@ -1,32 +1,43 @@
-"""Write deterministic labeled/unlabeled splits in UniMatch's format.
+"""Write labeled/unlabeled split files in UniMatch's format.
 
-Every split is a folder with ``labeled.txt`` and ``unlabeled.txt``, one
-``<image> <mask>`` line per sample, paths relative to the dataset root. The labeled
-set is ``random.Random(seed).sample`` over the sorted labeled pool; the unlabeled set
-is the rest of the training list, in file order. Same inputs and seed, same bytes.
+Every split is a folder with ``labeled.txt`` and ``unlabeled.txt``, one ``<image> <mask>`` line per
+sample, paths relative to the dataset root.
 
-Standard splits (the layout of UniMatch's ``splits/`` folder)::
+The published partitions of Pascal, Cityscapes and COCO are shipped in ``splits/`` (copied unchanged from
+UniMatch's release); use those to compare with published tables. COCO's unlabeled lists (118k lines each)
+are not shipped; write them from the ``train2017/`` folder (every training image not in labeled.txt)::
+
+    python tools/make_splits.py coco-unlabeled --data-root /data/coco        # splits/coco/*/unlabeled.txt
+
+The unlabeled list of any labeled list: the training list minus the labeled lines, in training-list order
+(how the shipped Pascal and Cityscapes unlabeled lists were made)::
+
+    python tools/make_splits.py unlabeled --train-list splits/pascal/train_aug.txt \
+        --labeled splits/pascal/366/labeled.txt --out splits/pascal/366/unlabeled.txt
+
+Your own dataset, from a list of training lines (and optionally a pool to draw the labeled images from).
+The labeled set is ``random.Random(seed).sample`` over the sorted pool; the unlabeled set is the rest of
+the training list, in file order. Same inputs and seed, same bytes::
+
+    python tools/make_splits.py custom --train-list train.txt --num 100 --out splits/mine/100
+    python tools/make_splits.py custom --train-list train.txt --fraction 1/8 --out splits/mine/1_8
+
+New random draws of the standard datasets' partitions (these are NOT the published splits: numbers
+trained on them are not comparable with published tables)::
 
     # Pascal VOC 2012 + SBD masks (SegmentationClass/ with train_aug and val masks):
     #   92/ 183/ 366/ 732/ 1464/  labeled from the 1464 classic train images
     #   1_16/ 1_8/ 1_4/ 1_2/      labeled from all 10582 train_aug images
-    python tools/make_splits.py pascal --data-root /data/VOC2012 --out splits/pascal --seed 0
+    python tools/make_splits.py pascal --data-root /data/VOC2012 --out splits/pascal_seed1 --seed 1
 
     # Cityscapes (needs *_gtFine_labelTrainIds.png): 1_16/ 1_8/ 1_4/ 1_2/
-    python tools/make_splits.py cityscapes --data-root /data/cityscapes --out splits/cityscapes
+    python tools/make_splits.py cityscapes --data-root /data/cityscapes --out splits/cityscapes_seed1 --seed 1
 
-    # COCO 2017, UniMatch layout (train2017/, val2017/, masks/{train2017,val2017}/):
-    #   1_512/ 1_256/ 1_128/ 1_64/ 1_32/
-    python tools/make_splits.py coco --data-root /data/coco --out splits/coco
+    # COCO 2017, UniMatch's layout (train2017/, val2017/, masks/<id>.png for both): 1_512/ ... 1_32/
+    python tools/make_splits.py coco --data-root /data/coco --out splits/coco_seed1 --seed 1
 
 Each preset also writes ``val.txt`` (and ``train.txt``, the full training list).
 Fractions are rounded up, as in UniMatch's published splits (1/16 of 10582 -> 662).
-
-Any other dataset, from a list of training lines (and optionally a pool to draw the
-labeled images from)::
-
-    python tools/make_splits.py custom --train-list train.txt --num 100 --out splits/mine/100
-    python tools/make_splits.py custom --train-list train.txt --fraction 1/8 --out splits/mine/1_8
 """
 
 import argparse
@@ -35,6 +46,7 @@ import math
 import os
 import random
 import sys
+from collections import Counter
 from fractions import Fraction
 
 PASCAL_COUNTS = (92, 183, 366, 732, 1464)
@@ -106,6 +118,23 @@ def split_labeled(
     labeled = [line for line in train if line in chosen]
     unlabeled = [line for line in train if line not in chosen]
     return labeled, unlabeled
+
+
+def complement(train, labeled, train_name="train list", labeled_name="labeled list"):
+    """The lines of ``train`` that are not in ``labeled``, in training-list order.
+
+    Every labeled line must be a training line (else the two lists do not describe one dataset).
+    """
+    check_unique(train, train_name)
+    check_unique(labeled, labeled_name)
+    train_set = set(train)
+    outside = [line for line in labeled if line not in train_set]
+    if outside:
+        raise ValueError(
+            f"{len(outside)} line(s) of {labeled_name} are not in {train_name}, e.g. {outside[0]!r}"
+        )
+    chosen = set(labeled)
+    return [line for line in train if line not in chosen]
 
 
 def check_unique(lines, name):
@@ -191,16 +220,16 @@ def cityscapes_list(data_root, split):
     return lines
 
 
-def coco_list(data_root, split):
-    """``<split>/<id>.jpg masks/<split>/<id>.png`` (UniMatch's COCO layout)."""
-    images = sorted(glob.glob(os.path.join(data_root, split, "*.jpg")))
+def coco_list(data_root, split, check_masks=True):
+    """``<split>/<id>.jpg masks/<id>.png`` (UniMatch's COCO layout: one masks/ folder for train and val)."""
+    images = sorted(glob.glob(os.path.join(glob.escape(data_root), split, "*.jpg")))
     if not images:
         raise FileNotFoundError(f"no .jpg images in {os.path.join(data_root, split)}")
     lines, missing = [], []
     for path in images:
         name = os.path.splitext(os.path.basename(path))[0]
-        mask = f"masks/{split}/{name}.png"
-        if not os.path.isfile(os.path.join(data_root, mask)):
+        mask = f"masks/{name}.png"
+        if check_masks and not os.path.isfile(os.path.join(data_root, mask)):
             missing.append(mask)
         lines.append(f"{split}/{name}.jpg {mask}")
     if missing:
@@ -237,16 +266,102 @@ def write_fraction_preset(train, val, out, fractions, seed=0):
         write_split(os.path.join(out, name), *split_labeled(train, fraction=name, seed=seed))
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def folder_lists(data_root, images="images", masks="masks", val="0", seed=0):
+    """Lists of a folder of images, some or all with a mask: ``(train, masked, val)``.
+
+    ``<images>/<path>.<ext>`` pairs with ``<masks>/<path>.png`` (same relative path, any image extension).
+    Images without a mask are unlabeled-only: their lines have no mask column. ``val`` masked images
+    (a count like 50, or a fraction like 1/10; seeded) are held out for validation; ``train`` is every
+    other image and ``masked`` its lines that have a mask (the pool to draw labeled images from).
+    """
+    image_root = os.path.join(data_root, images)
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"image folder not found: {image_root}")
+    lines = []
+    for folder, dirs, names in os.walk(image_root):
+        dirs.sort()
+        for name in sorted(names):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            relative = os.path.relpath(os.path.join(folder, stem), image_root).replace(os.sep, "/")
+            image = f"{images}/{relative}{ext}"
+            if " " in image:
+                raise ValueError(f"split files cannot hold paths with spaces: {image!r}")
+            mask = f"{masks}/{relative}.png"
+            has_mask = os.path.isfile(os.path.join(data_root, mask))
+            lines.append(f"{image} {mask}" if has_mask else image)
+    if not lines:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_root}")
+    twice = sorted(
+        s for s, n in Counter(line.split()[0].rsplit(".", 1)[0] for line in lines).items() if n > 1
+    )
+    if twice:
+        raise ValueError(f"two images share a name (their masks would be one file): {twice[0]}.*")
+
+    masked = [line for line in lines if " " in line]
+    num_val = 0
+    if val not in ("0", 0, None):
+        num_val = count_for_fraction(val, len(masked)) if any(c in str(val) for c in "/_.") else int(val)
+    if num_val >= len(masked) and num_val > 0:
+        raise ValueError(f"cannot hold out {num_val} validation images: {len(masked)} images have a mask")
+    held_out = set(random.Random(seed).sample(sorted(masked), num_val))
+    train = [line for line in lines if line not in held_out]
+    return (
+        train,
+        [line for line in masked if line not in held_out],
+        [line for line in masked if line in held_out],
+    )
+
+
+def write_coco_unlabeled(data_root, splits):
+    """unlabeled.txt beside every labeled.txt under ``splits``: the train2017/ images not labeled."""
+    # Unlabeled images need no mask, so the masks are not looked for.
+    train = coco_list(data_root, "train2017", check_masks=False)
+    if len(train) != 118287:
+        print(f"note: {data_root}/train2017 holds {len(train)} images (118287 in COCO 2017)", file=sys.stderr)
+    folders = sorted(
+        os.path.dirname(path) for path in glob.glob(os.path.join(glob.escape(splits), "*", "labeled.txt"))
+    )
+    if not folders:
+        raise FileNotFoundError(f"no */labeled.txt under {splits}")
+    for folder in folders:
+        labeled_path = os.path.join(folder, "labeled.txt")
+        labeled = read_list(labeled_path)
+        unlabeled = complement(train, labeled, f"{data_root}/train2017", labeled_path)
+        write_list(os.path.join(folder, "unlabeled.txt"), unlabeled)
+        print(f"{folder}: {len(labeled)} labeled, {len(unlabeled)} unlabeled")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="dataset", required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
     for name in ("pascal", "cityscapes", "coco"):
-        preset = commands.add_parser(name, help=f"standard {name} splits")
+        preset = commands.add_parser(name, help=f"new random draws of the {name} partitions")
         preset.add_argument("--data-root", required=True)
-        preset.add_argument("--out", default=os.path.join("splits", name))
+        preset.add_argument(
+            "--out", required=True, help="a new folder (splits/<name> holds the published ones)"
+        )
         preset.add_argument("--seed", type=int, default=0)
+    coco_u = commands.add_parser("coco-unlabeled", help="COCO's unlabeled lists from train2017/")
+    coco_u.add_argument("--data-root", required=True, help="the folder holding train2017/")
+    coco_u.add_argument("--splits", default=os.path.join("splits", "coco"), help="folder of */labeled.txt")
+    rest = commands.add_parser("unlabeled", help="the training lines that a labeled list leaves out")
+    rest.add_argument("--train-list", required=True)
+    rest.add_argument("--labeled", required=True)
+    rest.add_argument("--out", required=True, help="the unlabeled list to write")
+    folder = commands.add_parser("folder", help="train/val lists of a folder of images and masks")
+    folder.add_argument("--data-root", required=True, help="the dataset folder (the config's data_root)")
+    folder.add_argument("--images", default="images", help="its subfolder of images (default: images)")
+    folder.add_argument("--masks", default="masks", help="its subfolder of .png masks (default: masks)")
+    folder.add_argument("--val", default="0", help="masked images held out for validation: 50 or 1/10")
+    folder.add_argument("--out", required=True, help="folder for train.txt, masked.txt and val.txt")
+    folder.add_argument("--seed", type=int, default=0)
     custom = commands.add_parser("custom", help="one split from a training list")
     custom.add_argument("--train-list", required=True, help="all training lines '<image> <mask>'")
     custom.add_argument("--pool", help="draw the labeled lines from this subset of the training list")
@@ -258,16 +373,30 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        if args.dataset == "pascal":
+        if args.command == "pascal":
             write_pascal(args.data_root, args.out, args.seed)
-        elif args.dataset == "cityscapes":
+        elif args.command == "cityscapes":
             train = cityscapes_list(args.data_root, "train")
             val = cityscapes_list(args.data_root, "val")
             write_fraction_preset(train, val, args.out, CITYSCAPES_FRACTIONS, args.seed)
-        elif args.dataset == "coco":
+        elif args.command == "coco":
             train = coco_list(args.data_root, "train2017")
             val = coco_list(args.data_root, "val2017")
             write_fraction_preset(train, val, args.out, COCO_FRACTIONS, args.seed)
+        elif args.command == "folder":
+            train, masked, val = folder_lists(args.data_root, args.images, args.masks, args.val, args.seed)
+            write_list(os.path.join(args.out, "train.txt"), train)
+            write_list(os.path.join(args.out, "masked.txt"), masked)
+            if val:
+                write_list(os.path.join(args.out, "val.txt"), val)
+            print(f"{args.out}: {len(train)} training images ({len(masked)} with a mask), {len(val)} val")
+        elif args.command == "coco-unlabeled":
+            write_coco_unlabeled(args.data_root, args.splits)
+        elif args.command == "unlabeled":
+            labeled = read_list(args.labeled)
+            unlabeled = complement(read_list(args.train_list), labeled, args.train_list, args.labeled)
+            write_list(args.out, unlabeled)
+            print(f"{args.out}: {len(unlabeled)} unlabeled ({len(labeled)} labeled)")
         else:
             train = read_list(args.train_list)
             pool = read_list(args.pool) if args.pool else None
@@ -280,6 +409,12 @@ def main(argv=None):
                 train_name=args.train_list,
                 pool_name=args.pool or "pool",
             )
+            no_mask = [line for line in labeled if len(line.split()) < 2]
+            if no_mask:
+                raise ValueError(
+                    f"{len(no_mask)} drawn labeled line(s) have no mask, e.g. {no_mask[0]!r}: draw from the "
+                    "images that have one with --pool (make_splits.py folder writes it as masked.txt)"
+                )
             write_split(args.out, labeled, unlabeled)
     except (OSError, ValueError) as e:
         parser.exit(1, f"error: {e}\n")

@@ -6,13 +6,15 @@ CRC-32 that torch's zip format records for each part, which `torch.load` itself 
 bit in the weights is reported instead of loaded.
 """
 
+import functools
 import glob
 import os
-import re
-import zipfile
+import subprocess
 
 import torch
 
+# The guarded reading of weight files lives with the model (model/ imports nothing from util/).
+from model.weights import load_failure_reason, zip_problem
 from util.files import write_atomic
 
 # What a training checkpoint (latest.pth / previous.pth) must hold to resume from it.
@@ -35,6 +37,26 @@ class CheckpointError(RuntimeError):
 
 class SaveError(OSError):
     """A checkpoint could not be written (disk full, file too large, folder gone or read-only)."""
+
+
+@functools.cache
+def code_version() -> str:
+    """The git commit of this code, with '+modified' when tracked files differ from it; 'unknown' outside a
+    git checkout. Checkpoints record it, so that a result can be traced to the code that made it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit, status = (
+            subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20)
+            for args in (
+                ["rev-parse", "--short=12", "HEAD"],
+                ["status", "--porcelain", "--untracked-files=no"],
+            )
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+modified" if status.stdout.strip() else "")
 
 
 def _save(obj, f) -> None:
@@ -73,42 +95,15 @@ def remove_stale_temporaries(folder: str) -> list[str]:
 
 def _check_crc(path: str) -> None:
     """Compare every part of a zip-format checkpoint with the CRC-32 recorded when it was written."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":
-        return  # the legacy (pre-1.6) format or not a torch file at all: torch.load decides
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: it is truncated or damaged (a zip archive, torch's format, "
-            f"without its end record; {os.path.getsize(path)} bytes)"
-        )
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"cannot load checkpoint {path}: damaged zip structure ({err})") from err
-    if bad is not None:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted: the data of '{bad}' does not match its recorded CRC-32 "
-            "(the file was damaged after it was written)"
-        )
-
-
-def load_failure_reason(err: Exception) -> str:
-    text = str(err)
-    if "Weights only load failed" in text:
-        # torch's message advises weights_only=False; for a file we did not write that is the danger.
-        found = re.search(r"GLOBAL \S+|Unsupported operand \S+", text)
-        what = f" ({found.group(0)})" if found else ""
-        return (
-            f"it holds pickled code or objects other than tensors{what}; refused by "
-            "torch.load(weights_only=True), nothing in it was executed"
-        )
-    return f"not a readable torch checkpoint ({type(err).__name__}: {text.strip()})"
+    problem = zip_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
 
 
 def load(path: str) -> dict:
     """Read a checkpoint on the CPU; any failure names the file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder: name a file in it, e.g. {path}/best.pth")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:

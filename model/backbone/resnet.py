@@ -2,6 +2,7 @@
 
 Parameter names follow torchvision's layout (conv1, bn1, layer1..layer4, downsample.0/1), so ImageNet
 checkpoints load by name. The deep stem follows UniMatch's checkpoints (conv1.0/1/3/4/6 + a 128-channel bn1).
+`load_pretrained` takes a file path or a torchvision weight name (`torchvision`, `torchvision:IMAGENET1K_V2`).
 """
 
 import logging
@@ -9,9 +10,9 @@ import logging
 import torch
 from torch import nn
 
-from util.checkpoint import load_failure_reason
+from model.weights import is_torchvision_name, load_weights_file, torchvision_weights_file
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("semiseg.model")  # a child of the training log: shown in train.log
 
 
 def conv3x3(in_planes, out_planes, stride=1, dilation=1):
@@ -78,12 +79,20 @@ class ResNet(nn.Module):
         replace_stride_with_dilation: for layer2..layer4, use dilation instead of stride 2.
             (False, False, True) gives output stride 16, (False, True, True) output stride 8.
         width: base channel count; 64 is the standard network (and the only one pretrained weights fit).
+        arch: the network's name ('resnet101', ...), which picks torchvision's weights by name.
     """
 
     def __init__(
-        self, block, layers, deep_stem=False, replace_stride_with_dilation=(False, False, True), width=64
+        self,
+        block,
+        layers,
+        deep_stem=False,
+        replace_stride_with_dilation=(False, False, True),
+        width=64,
+        arch=None,
     ):
         super().__init__()
+        self.arch = arch
         if deep_stem and block is not Bottleneck:
             raise ValueError("deep_stem is only supported for resnet50/resnet101 (Bottleneck blocks)")
         if len(replace_stride_with_dilation) != 3:
@@ -161,19 +170,19 @@ class ResNet(nn.Module):
 
 
 def resnet18(deep_stem=False, replace_stride_with_dilation=(False, False, True), width=64):
-    return ResNet(BasicBlock, (2, 2, 2, 2), deep_stem, replace_stride_with_dilation, width)
+    return ResNet(BasicBlock, (2, 2, 2, 2), deep_stem, replace_stride_with_dilation, width, arch="resnet18")
 
 
 def resnet34(deep_stem=False, replace_stride_with_dilation=(False, False, True), width=64):
-    return ResNet(BasicBlock, (3, 4, 6, 3), deep_stem, replace_stride_with_dilation, width)
+    return ResNet(BasicBlock, (3, 4, 6, 3), deep_stem, replace_stride_with_dilation, width, arch="resnet34")
 
 
 def resnet50(deep_stem=False, replace_stride_with_dilation=(False, False, True), width=64):
-    return ResNet(Bottleneck, (3, 4, 6, 3), deep_stem, replace_stride_with_dilation, width)
+    return ResNet(Bottleneck, (3, 4, 6, 3), deep_stem, replace_stride_with_dilation, width, arch="resnet50")
 
 
 def resnet101(deep_stem=False, replace_stride_with_dilation=(False, False, True), width=64):
-    return ResNet(Bottleneck, (3, 4, 23, 3), deep_stem, replace_stride_with_dilation, width)
+    return ResNet(Bottleneck, (3, 4, 23, 3), deep_stem, replace_stride_with_dilation, width, arch="resnet101")
 
 
 BACKBONES = {
@@ -194,11 +203,7 @@ def _format_keys(keys, limit=10):
 
 def _read_state_dict(path):
     """Read a checkpoint (weights only) and return a flat {name: tensor} dict."""
-    try:
-        # weights_only: never unpickle arbitrary objects from a user-supplied file
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot load pretrained weights from '{path}': {load_failure_reason(err)}") from err
+    checkpoint = load_weights_file(path, what="pretrained weights")
 
     if isinstance(checkpoint, dict):
         for wrapper in ("state_dict", "model"):
@@ -224,13 +229,18 @@ def _stem_hint(checkpoint_keys, model_keys):
     return ""
 
 
-def load_pretrained(backbone, path):
-    """Load ImageNet weights from `path` into `backbone` (a ResNet), checking every key and shape.
+def load_pretrained(backbone, pretrained):
+    """Load ImageNet weights into `backbone` (a ResNet), checking every key and shape.
 
-    Accepts torchvision checkpoints (7x7 stem; `fc.*` is ignored) and UniMatch's deep-stem checkpoints,
+    `pretrained` is a file path, or 'torchvision' / 'torchvision:TAG' for torchvision's weights of the
+    backbone's architecture (taken from torch.hub's cache, downloaded there on first use).
+    Files may be torchvision checkpoints (7x7 stem; `fc.*` is ignored) or UniMatch's deep-stem checkpoints,
     as a plain state dict or wrapped under 'state_dict' / 'model', with or without a 'module.' prefix.
     Raises ValueError naming the file and the offending keys on any mismatch.
     """
+    path = str(pretrained)
+    if is_torchvision_name(path):
+        path = torchvision_weights_file(path, backbone.arch, backbone.deep_stem)
     checkpoint = _read_state_dict(path)
     model_state = backbone.state_dict()
 

@@ -1,10 +1,65 @@
 """DeepLabV3+ (Chen et al., 2018) on a dilated ResNet, with UniMatch's feature perturbation."""
 
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.backbone.resnet import BACKBONES, load_pretrained
+
+FEATURE_LEVELS = ("encoder", "decoder")  # the two feature maps methods align or perturb
+
+
+@dataclass
+class SegmentationOutput:
+    """Every map one forward computes that a method reads, for a batch of B images of size H x W.
+
+    logits      (B, K, H, W)    the prediction, upsampled to the input size
+    logits_low  (B, K, h, w)    the classifier's output on the stride-4 grid (h, w) = (H/4, W/4)
+    decoder     (B, C, h, w)    the decoder feature F that the classifier reads, non-negative
+    encoder     (B, C, h', w')  the encoder output (ASPP) at the backbone's output stride (16 or 8)
+    low_level   (B, C1, h, w)   the backbone's stride-4 feature; `decode(low_level, encoder)` = decoder
+    logits_fp   (B, K, H, W)    the logits of the feature-perturbed copy (forward with perturb=True)
+    """
+
+    logits: torch.Tensor
+    logits_low: torch.Tensor
+    decoder: torch.Tensor
+    encoder: torch.Tensor
+    low_level: torch.Tensor
+    logits_fp: torch.Tensor | None = None
+
+    def feature(self, level: str) -> torch.Tensor:
+        """The feature map of a level named as in the configs: 'encoder' or 'decoder'."""
+        if level not in FEATURE_LEVELS:
+            raise ValueError(f"feature level must be one of {FEATURE_LEVELS}, got {level!r}")
+        return getattr(self, level)
+
+    def split(self, sizes: list[int]) -> list["SegmentationOutput"]:
+        """Split every field along the batch dimension (views, no copies), as torch.split does."""
+        parts = {f.name: getattr(self, f.name) for f in fields(self)}
+        parts = {name: t if t is None else t.split(sizes) for name, t in parts.items()}
+        return [
+            type(self)(**{name: t if t is None else t[i] for name, t in parts.items()})
+            for i in range(len(sizes))
+        ]
+
+
+@contextmanager
+def running_stats_frozen(module: nn.Module):
+    """Inside, the BatchNorm layers of `module` still normalise a train-mode batch by its own statistics
+    (the output and its gradient are unchanged) but leave their running statistics and batch count alone."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = [m for m in layers if m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # in train mode: batch statistics, no running update
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
 
 
 def conv_bn_relu(in_channels, out_channels, kernel_size=1, dilation=1):
@@ -95,57 +150,45 @@ class DeepLabV3Plus(nn.Module):
         )
         self.classifier = nn.Conv2d(head_channels, nclass, 1)
 
-    def decode(self, c1, encoder_feature):
-        """Low-level backbone feature c1 (stride 4) and encoder output (ASPP, stride 16) -> decoder feature
-        F (B, head_channels, H/4, W/4), non-negative (after ReLU)."""
-        up = F.interpolate(encoder_feature, size=c1.shape[-2:], mode="bilinear", align_corners=True)
-        return self.fuse(torch.cat([self.reduce(c1), up], dim=1))
+    def decode(self, low_level, encoder):
+        """Low-level backbone feature (stride 4) and encoder output (ASPP, at the output stride) ->
+        decoder feature F (B, head_channels, H/4, W/4), non-negative (after ReLU)."""
+        up = F.interpolate(encoder, size=low_level.shape[-2:], mode="bilinear", align_corners=True)
+        return self.fuse(torch.cat([self.reduce(low_level), up], dim=1))
 
-    def classify(self, feature):
+    def classify(self, decoder):
         """Decoder feature (B, head_channels, h, w) -> low-resolution logits (B, K, h, w)."""
-        return self.classifier(feature)
+        return self.classifier(decoder)
 
-    def forward(self, x, need_fp=False, need_feature=False):
-        """x: (B, 3, H, W).
+    def forward(self, x, features=False, perturb=False):
+        """x: (B, 3, H, W) -> logits (B, K, H, W).
 
-        Returns logits (B, K, H, W); with need_fp a tuple (logits, logits_fp); with need_feature a dict with
-        'logits', 'feature' (decoder, stride 4), 'logits_low' (stride 4), 'encoder_feature' (the encoder's
-        output: ASPP, stride 16) and 'low_level' (backbone c1, stride 4), all of the clean input, and, with
-        need_fp, 'logits_fp'. `decode(low_level, encoder_feature)` re-runs the decoder from the last two.
+        With features=True, the whole `SegmentationOutput` of x instead. With perturb=True as well, x
+        and a channel-dropped copy of its backbone features go through the head as one batch (2B rows,
+        so BN batch statistics cover both; UniMatch's feature perturbation), every field describes the
+        clean half, and `logits_fp` holds the perturbed half's logits. Dropout is on also in eval mode.
+
+        One entry point, so that a DistributedDataParallel wrapper sees every call that has a gradient.
         """
+        if perturb and not features:
+            raise ValueError("perturb=True needs features=True: logits_fp is a field of SegmentationOutput")
         h, w = x.shape[-2:]
         c1, _, _, c4 = self.backbone.base_forward(x)
-
-        if need_fp:
-            # UniMatch: the clean and the channel-dropped features go through the head as one batch (2B),
-            # so BN statistics cover both. Dropout is always on, also in eval mode.
+        if perturb:
             c1 = torch.cat([c1, F.dropout2d(c1, p=0.5, training=True)])
             c4 = torch.cat([c4, F.dropout2d(c4, p=0.5, training=True)])
 
-        encoder_feature = self.aspp(c4)
-        feature = self.decode(c1, encoder_feature)
-        logits_low = self.classify(feature)
+        encoder = self.aspp(c4)
+        decoder = self.decode(c1, encoder)
+        logits_low = self.classify(decoder)
         logits = F.interpolate(logits_low, size=(h, w), mode="bilinear", align_corners=True)
-
-        if need_fp:
-            logits, logits_fp = logits.chunk(2)
-            if not need_feature:
-                return logits, logits_fp
-            feature, logits_low, encoder_feature, c1 = (
-                t.chunk(2)[0] for t in (feature, logits_low, encoder_feature, c1)
-            )
-
-        if not need_feature:
+        if not features:
             return logits
-        out = {
-            "logits": logits,
-            "feature": feature,
-            "logits_low": logits_low,
-            "encoder_feature": encoder_feature,
-            "low_level": c1,
-        }
-        if need_fp:
-            out["logits_fp"] = logits_fp
+
+        out = SegmentationOutput(logits, logits_low, decoder, encoder, c1)
+        if perturb:
+            out, perturbed = out.split([x.shape[0], x.shape[0]])
+            out.logits_fp = perturbed.logits
         return out
 
     def backbone_parameters(self):

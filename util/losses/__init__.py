@@ -40,22 +40,23 @@ def ohem_cross_entropy(
     min_kept: int = 200000,
     ignore_index: int = IGNORE,
 ) -> torch.Tensor:
-    """Online hard example mining (UniMatch's `ProbOhemCrossEntropy2d`, spec section 0.5).
+    """Online hard example mining, as UniMatch's `ProbOhemCrossEntropy2d` (its Cityscapes labeled loss).
 
     Keeps the pixels whose probability of the true class is at most max(thresh, the min_kept-th smallest
-    such probability); if fewer than min_kept pixels are valid, every valid pixel is kept.
+    such probability); if fewer than min_kept pixels are valid, every valid pixel is kept. The choice
+    between the two is made on the device (no host sync in the step).
     """
     with torch.no_grad():
         valid = target != ignore_index
-        num_valid = int(valid.sum())
         keep = valid
-        if num_valid >= min_kept > 0:
+        if 0 < min_kept <= valid.numel():
             prob = logits.float().softmax(dim=1)
             safe_target = torch.where(valid, target, torch.zeros_like(target))
             prob_true = prob.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-            prob_true = torch.where(valid, prob_true, torch.ones_like(prob_true))
+            prob_true = torch.where(valid, prob_true, torch.ones_like(prob_true))  # invalid pixels rank last
             kth = prob_true.flatten().kthvalue(min_kept).values
-            keep = valid & (prob_true <= max(thresh, float(kth)))
+            hard = valid & (prob_true <= kth.clamp(min=thresh))
+            keep = torch.where(valid.sum() >= min_kept, hard, valid)
         hard_target = torch.where(keep, target, torch.full_like(target, ignore_index))
     return cross_entropy(logits, hard_target, ignore_index)
 

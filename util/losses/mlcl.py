@@ -1,9 +1,9 @@
 """MLCL / MCCL terms as plain functions of tensors, and the per-class prototype memory.
 
-Spec: shared/specs/uccl_mlcl.md section 2. FKA (feature knowledge alignment) = point-to-point alignment
-of weak and strong features of the same content + prototype-based intra-class compactness; SAI
-(self-adaptive intervention) = noise injection and feature masking on the strong features with a
-strength set per image by the weak/strong similarity.
+FKA (feature knowledge alignment) = point-to-point alignment of weak and strong features of the same
+content + prototype-based intra-class compactness; SAI (self-adaptive intervention) = noise injection
+and feature masking on the strong features with a strength set per image by the weak/strong similarity.
+Where the released code differs from the paper, a flag reproduces it (docs/DIFFERENCES.md).
 
 Shapes: feature maps (B, C, h, w); pixel sets (N, C) with N = B * h * w; per-class tensors have K rows.
 Every selection is a batched top-k over a (K, N) similarity matrix masked per class, every per-class sum
@@ -26,7 +26,7 @@ def pixels(feature: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------- FKA
 def point_to_point_loss(weak: torch.Tensor, strong: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """L_p2p = 1 - mean over valid pixels of cos(weak.detach(), strong) (spec 2.2).
+    """L_p2p = 1 - mean over valid pixels of cos(weak.detach(), strong).
 
     weak, strong: (B, C, h, w) features of the same content; valid: (B, h, w) bool (not crop padding).
     """
@@ -57,7 +57,7 @@ def select_by_similarity(
 
 
 def released_anchor_order(index: torch.Tensor) -> torch.Tensor:
-    """The released selection order of n anchors: top-1, top-1, top-2, ..., top-(n-1) (spec 2.3).
+    """The released selection order of n anchors: top-1, top-1, top-2, ..., top-(n-1).
 
     Position j takes rank max(j - 1, 0): the top-1 appears twice and the n-th is never taken. A class with
     `count` < n candidates still fills positions 0..count-1, so the chosen mask of `index` is unchanged.
@@ -84,7 +84,7 @@ def prototype_loss(
     denominator: str = "anchors",
 ) -> torch.Tensor:
     """Intra-class compactness: 1 - (sum over anchors of the max cosine to the strong samples paired
-    with the anchor's class) / denominator (spec 2.3 `calculate_loss`).
+    with the anchor's class) / denominator.
 
     anchors (K, n, C) with anchor_mask (K, n); strong (K, m, C) with strong_mask (K, m).
     pairing: 'class' (anchors of class c meet strong samples of class c) or 'positional' (released).
@@ -128,7 +128,7 @@ def fka_prototype_loss(
     anchor_selection: str = "topk",
     denominator: str = "anchors",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FKA prototype term on pixel sets of the same content (spec 2.3).
+    """FKA prototype term on pixel sets of the same content.
 
     weak, strong: (N, C) pixels of the weak and the strong view; labels, confidence, valid: (N,) weak
     pseudo-label, its confidence and a not-padding mask. memory (K, C) and initialised (K,) bool: the
@@ -172,7 +172,7 @@ def ema_update(
     momentum: float,
     released: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One prototype step from per-class feature sums (K, C) and counts (K,) (spec 2.3 `update_memory`).
+    """One prototype step from per-class feature sums (K, C) and counts (K,).
 
     A class seen for the first time starts at its mean; an initialised one moves to
     momentum * memory + (1 - momentum) * mean. released=True keeps the released skip: once a class is
@@ -247,7 +247,7 @@ class PrototypeMemory:
 
 # --------------------------------------------------------------------------------------------------- SAI
 def sai_strength(similarity: torch.Tensor) -> torch.Tensor:
-    """s = 0.15 (1 + v): the noise amplitude, and 1 - s the centre of the masking factor (spec 2.4).
+    """s = 0.15 (1 + v): the noise amplitude, and 1 - s the centre of the masking factor.
 
     A more consistent image (higher v) gets stronger noise and a lower masking threshold. The released
     code applies this twice to the masking strength when noise also runs: sai_strength(sai_strength(v)).
@@ -267,7 +267,7 @@ def noise_injection(feature: torch.Tensor, strength: torch.Tensor, uniform: torc
 
 
 def feature_masking(feature: torch.Tensor, strength: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Zero the most activated positions of each image (spec 2.4, CCT's FeatureDrop made adaptive).
+    """Zero the most activated positions of each image (CCT's FeatureDrop, made adaptive).
 
     a = channel mean of F (B, 1, h, w); keep a < max(a) * f_b with f_b = (1 - s_b - 0.1) + 0.2 u_b, i.e.
     f_b ~ U(1 - s_b - 0.1, 1 - s_b + 0.1); uniform: (B,) U(0, 1) draws. No gradient through the mask.

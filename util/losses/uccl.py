@@ -5,8 +5,8 @@ All inputs live on one feature grid (h, w), the stride-4 grid of the decoder:
     logits_weak, logits_strong  (B, K, h, w)  low-resolution logits of the two views
     valid                       (B, h, w)     bool, False on crop padding
 
-Each function has a `released` flag that reproduces the authors' code (spec section 1.2 and 1.3) instead
-of the paper's method; docs/DIFFERENCES.md lists what changes.
+Each function has a `released` flag that reproduces the authors' released code instead of the paper's
+method; docs/DIFFERENCES.md lists what changes.
 """
 
 import torch
@@ -39,19 +39,21 @@ def sbu_loss(
         L = 1/B sum_b 1/n_b sum_c sum_{p in M_bc} w_bc(p) CE(z_s(p), y(p)),   n_b = #non-empty classes.
 
     Paper (default): a pixel is uncertain when the weak or the strong view's confidence is at most
-    `thresh` (the figure filters with both predictions); the weights are a softmax over M_bc of the
-    similarity and carry no gradient, so only the strong logits are trained.
+    `thresh`: the figure's unreliable-region filter takes both predictions, and a pixel is reliable only
+    when both views are sure of it. So M covers every pixel that UniMatch's confident loss leaves out
+    (weak confidence below its threshold) and those the strong view is unsure of. The weights are a
+    softmax over M_bc of the similarity and carry no gradient, so only the strong logits are trained.
 
-    released=True (spec 1.2): uncertain means weak confidence <= thresh only; the softmax runs over the
-    whole h*w map with logit S(p) inside M_bc and 0 elsewhere; the cross-entropy covers every valid pixel;
-    the similarity keeps its gradient to the strong features.
+    released=True: uncertain means weak confidence <= thresh only; the softmax runs over the whole h*w
+    map with logit S(p) inside M_bc and 0 elsewhere; the cross-entropy covers every valid pixel; the
+    similarity keeps its gradient to the strong features.
     """
     B, K = logits_weak.shape[:2]
     feat_weak, logits_weak = feat_weak.detach(), logits_weak.detach().float()
     confidence, pseudo_label = logits_weak.softmax(dim=1).max(dim=1)
     uncertain = confidence <= thresh
     if not released:
-        uncertain &= logits_strong.detach().float().softmax(dim=1).amax(dim=1) <= thresh
+        uncertain |= logits_strong.detach().float().softmax(dim=1).amax(dim=1) <= thresh
         feat_strong = feat_strong.detach()
     similarity = similarity_sign * cosine_map(feat_weak, feat_strong)
     ce = F.cross_entropy(logits_strong.float(), pseudo_label, reduction="none")
@@ -110,7 +112,7 @@ def ckr_loss(
     softmax(p_w) to the injection), detached; the mean runs over valid pixels. Gradient reaches the
     strong features only.
 
-    released=True (spec 1.3): the weight is a softmax over the region of the raw logit z_w,c, and the weak
+    released=True: the weight is a softmax over the region of the raw logit z_w,c, and the weak
     logits keep their gradient (it flows through the strong view's weights); padded pixels keep their own
     feature and count in the mean over all B*h*w pixels.
     """
