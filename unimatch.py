@@ -180,7 +180,8 @@ class UniMatch(Method):
 
         valid = weak.ignore_mask != IGNORE
         mask_ratio = ((weak.confidence >= thresh) & valid).sum() / valid.sum().clamp(min=1)
-        return losses, {"mask_ratio": mask_ratio}
+        # the pseudo-labels' confidences (B*H*W values): a histogram in TensorBoard at each logged step
+        return losses, {"mask_ratio": mask_ratio, "confidence": weak.confidence.flatten()}
 
     def step(self, batch: dict) -> tuple[dict, dict]:
         return self.unimatch_losses(self.predict(batch))

@@ -161,3 +161,35 @@ def test_networks_declaration_is_checked():
         Networks(trained={"a": net}, evaluate=("x",))
     with pytest.raises(ValueError, match="deployed but not evaluated"):
         Networks(trained={"a": net}, frozen={"t": net}, evaluate=("a",), deploy=("t",))
+
+
+def test_tensorboard_gets_pictures_histograms_and_the_config(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    save = tmp_path / "tb"
+    run(
+        [
+            sys.executable,
+            "unimatch.py",
+            "--config",
+            tiny_config,
+            "--save-path",
+            str(save),
+            "max_iters=3",
+            "tb_images=2",
+        ]
+    )
+    events = EventAccumulator(str(save), size_guidance={"images": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert sorted(tags["images"]) == ["eval_images/0", "eval_images/1"]
+    picture = events.Images("eval_images/0")[0]
+    assert (picture.width, picture.height) == (
+        3 * 32,
+        32,
+    )  # image | ground truth | prediction of a 32x32 image
+    assert "train/confidence" in tags["histograms"] and "train/mask_ratio" in tags["scalars"]
+    assert [e.step for e in events.Histograms("train/confidence")] == [1, 2, 3]
+    assert "config/text_summary" in tags["tensors"]
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "tb_images: 2" in text and "dataset: demo" in text

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from model import build_model
+from util.data import TrainingData
 
 
 @dataclass
@@ -83,6 +84,13 @@ class Method:
             {"params": [p for p in module.parameters() if p.requires_grad], "lr_scale": self.cfg["lr_multi"]}
         ]
 
+    def training_data(self, pin_memory: bool, save_path: str | None, worker_init=None):
+        """The training streams and the validation loader: an object with `batches(epoch, start_batch)`,
+        `iters_per_epoch` and `val_loader`, as util.data.TrainingData (the default). A method whose batches
+        hold more than UniMatch's streams builds its own; `save_path` is where it may cache what it
+        derives from the data (None in benchmarks); `worker_init` goes to every loader worker."""
+        return TrainingData(self.cfg, self.uses_unlabeled, pin_memory, worker_init)
+
     def deploy_state(self, name: str, module: nn.Module) -> dict:
         """The weights best.pth holds for network `name`: a state dict that `eval.py` loads into the
         config's model (an EMA teacher gives the network it averages)."""
@@ -101,7 +109,8 @@ class Method:
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
-        """Called after each optimizer step that was taken (not skipped): EMA teachers update here."""
+        """Called after each optimizer step that was taken (not skipped), under the step's autocast: EMA
+        teachers update here."""
 
     def state_dict(self) -> dict:
         """What the method carries between steps besides its networks (memories, banks, queues)."""

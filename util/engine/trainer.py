@@ -1,6 +1,7 @@
 """The training loop, written once: the method's networks wrapped and optimised, its step taken, guarded,
 logged, evaluated and checkpointed."""
 
+import inspect
 import logging
 import os
 import sys
@@ -9,22 +10,32 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dataset.classes import class_names
+from dataset.check import check_data
 from model.semseg.deeplabv3plus import use_channels_last
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths
-from util.data import TrainingData
 from util.dist import barrier, broadcast_object, init_distributed, is_dist
 from util.engine.guard import NonFiniteError, NonFiniteGuard
+from util.engine.logbook import Logbook
 from util.engine.method import Method
 from util.engine.rng import rng_state, seed_everything, set_rng_state
-from util.engine.saving import Saver
+from util.engine.saving import Saver, lock_save_path
+from util.engine.stop import GracefulStop, StopRequested, ignore_stop_signals
 from util.losses import build_labeled_criterion
-from util.metrics import evaluate, format_iou_table
+from util.metrics import evaluate
 
 logger = logging.getLogger("semiseg")
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# DDP must not broadcast buffers at every forward: each CPU rank keeps its own BatchNorm statistics, which the
+# engine averages before evaluating and saving. Newer torch names the switch forward_sync_buffers (it still
+# copies rank 0's buffers once at the start, the same on every rank there) and warns about the old name.
+NO_BUFFER_BROADCAST = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -90,12 +101,13 @@ def prepare_save_path(save_path: str) -> None:
         raise ConfigError(f"cannot write to save path {save_path}: {err.strerror or err}") from err
 
 
-def prepare_demo_data(cfg: dict) -> None:
-    """The demo dataset is generated on first use (by rank 0, while the others wait)."""
+def prepare_demo_data(cfg: dict, generate: bool = True) -> None:
+    """The demo dataset is generated on first use (by rank 0, while the others wait); one made with other
+    parameters is an error, never overwritten. `generate=False` only checks it (eval.py writes no data)."""
     if cfg["dataset"] == "demo":
         from dataset.demo import ensure_demo
 
-        ensure_demo(cfg["data_root"], **cfg["demo"])
+        ensure_demo(cfg["data_root"], generate, **cfg["demo"])
 
 
 def batchnorm_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -127,7 +139,9 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg["amp"], self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-        self.data = TrainingData(cfg, method_cls.uses_unlabeled, pin_memory=self.device.type == "cuda")
+        self.data = self.method.training_data(
+            pin_memory=self.device.type == "cuda", save_path=save_path, worker_init=ignore_stop_signals
+        )
         self.iters_per_epoch = self.data.iters_per_epoch
         self.total_iters = cfg["max_iters"] or cfg["epochs"] * self.iters_per_epoch
         self.method.total_iters = self.total_iters
@@ -136,7 +150,7 @@ class Trainer:
         self.scaler_skips = 0  # fp16 steps the GradScaler skipped for an overflow (its normal business)
         self.train_seconds = 0.0  # wall-clock spent in training steps (evaluations excluded)
         self.start_iteration = 0  # where this process started (after a resume)
-        self.writer = None
+        self.histograms = {}  # the last step's statistics with more than one value
         nets = self.networks.all.values()
         self.guard = NonFiniteGuard(
             params=[p for group in groups for p in group["params"]],
@@ -145,22 +159,27 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         self.saver = Saver(save_path, self.dist.is_main)
+        self.logbook = Logbook(cfg, self.saver, self.dist.is_main)
+        self.stop = GracefulStop(f"rank {self.dist.rank}: " if self.dist.distributed else "")
 
     def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
-        # Rank 0 prepares the output folder and the demo data; every rank stops on its error, or the
-        # others would wait forever at the next collective.
-        error = None
+        # Rank 0 prepares (and locks) the output folder and the demo data and checks the data; every rank
+        # stops on its error, or the others would wait forever at the next collective.
+        error, self.lock = None, None
         if self.dist.is_main:
             try:
                 if self.save_path is not None:
                     prepare_save_path(self.save_path)
+                    self.lock = lock_save_path(self.save_path)  # held until this process ends
                 prepare_demo_data(self.cfg)
+                check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
+                check_data(self.cfg, uses_unlabeled)  # every file training reads, before training
             except (ConfigError, OSError, ValueError) as err:
                 error = str(err)
         error = broadcast_object(error)
         if error:
             raise ConfigError(error)
-        check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
+        check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)  # every rank: its own filesystem
 
     def _wrap_networks(self) -> None:
         """Move every network to the device; DDP (and SyncBN on CUDA) around the trained ones; no gradient
@@ -180,7 +199,7 @@ class Trainer:
         if self.dist.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             for name, net in nets.trained.items():
-                wrapped[name] = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+                wrapped[name] = DistributedDataParallel(net, device_ids=device_ids, **NO_BUFFER_BROADCAST)
         if self.cfg["compile"]:  # the method's calls run compiled; weights are still read from `nets`
             wrapped = {name: torch.compile(net) for name, net in wrapped.items()}
         self.trained_wrapped = [wrapped[name] for name in nets.trained]
@@ -195,6 +214,9 @@ class Trainer:
         return self.data.batches(epoch, start_batch)
 
     # ------------------------------------------------------------------ one step
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     def train_step(self, batch: dict) -> tuple[float, dict, dict]:
         """One optimizer step on `batch`: (loss, {term: value}, {statistic: value}) as numbers."""
         batch = to_device(batch, self.device)
@@ -203,7 +225,7 @@ class Trainer:
             group["lr"] = lr * group["lr_scale"]
         self.method.iteration = self.iteration
         self.guard.before_step(self.method.state_dict())
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with self.autocast():
             losses, stats = self.method.step(batch)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -211,26 +233,28 @@ class Trainer:
 
         names = [*losses, "total"]
         values = torch.stack([v.detach().float().reshape(()) for v in (*losses.values(), loss)])
-        stat_values = [
-            torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in stats.values()
-        ]
-        flags = self.guard.flags(values)
+        stats = {k: torch.as_tensor(v, device=self.device).detach().float() for k, v in stats.items()}
+        self.histograms = {k: v for k, v in stats.items() if v.numel() > 1}
+        stats = {k: v for k, v in stats.items() if v.numel() == 1}
+        stat_values = list(stats.values())
+        flags = self.guard.flags(values, stop_requested=self.stop.requested)
         numbers = torch.cat(
             (values, *[s.reshape(1) for s in stat_values], flags.flatten())
         ).tolist()  # the one sync
         width = len(names)
-        self._finish_step(names, numbers[width + len(stats) :])
+        grad_bad, bad_terms, self.stop.agreed = self.guard.verdict(names, numbers[width + len(stats) :])
+        self._finish_step(grad_bad, bad_terms)
         terms = dict(zip(names[:-1], numbers[: width - 1]))
         return numbers[width - 1], terms, dict(zip(stats, numbers[width : width + len(stats)]))
 
-    def _finish_step(self, names: list[str], flags: list[float]) -> None:
+    def _finish_step(self, grad_bad: bool, bad_terms: dict) -> None:
         """Take the optimizer step, or skip it when a loss term or a gradient is non-finite on any rank."""
-        grad_bad, bad_terms = self.guard.verdict(names, flags)
         if not grad_bad and not bad_terms:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.guard.passed()
-            self.method.after_optimizer_step()
+            with self.autocast():  # teachers' forwards after the step (CTT's banks) run like the step's
+                self.method.after_optimizer_step()
         elif not bad_terms and self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0:
             # fp16 gradient overflow with a finite loss: the GradScaler skips the step and lowers the
             # scale, as it always does. Only once the scale is below 1 is it counted as a fault.
@@ -248,39 +272,54 @@ class Trainer:
         Parameters stay identical under DDP, but each rank's running mean/var follow its own batches;
         averaging them before evaluating or saving keeps every rank's networks the same.
         """
-        if not is_dist() or self.device.type == "cuda":
+        if not self.ranks_own_batchnorm:
             return
-        for net in self.networks.all.values():
-            for buf in batchnorm_buffers(net):
-                torch.distributed.all_reduce(buf)
-                buf.div_(self.dist.world_size)
+        for buf in self.batchnorm_buffers():
+            torch.distributed.all_reduce(buf)
+            buf.div_(self.dist.world_size)
 
-    def evaluate(self) -> dict[str, dict]:
+    @property
+    def ranks_own_batchnorm(self) -> bool:
+        """Whether each rank has BatchNorm statistics of its own (several processes without SyncBN)."""
+        return is_dist() and self.device.type != "cuda"
+
+    def batchnorm_buffers(self) -> list[torch.Tensor]:
+        return [buf for net in self.networks.all.values() for buf in batchnorm_buffers(net)]
+
+    def evaluate(self, pictures: dict | None = None) -> dict[str, dict]:
         """{network name: evaluation result} for every network the method evaluates; each network is left
-        in the mode (train or eval) it was in."""
+        in the mode (train or eval) it was in. `pictures`, when given, receives TensorBoard's pictures."""
         cfg = self.cfg
         self.sync_batchnorm_stats()
         results = {}
         for name in self.networks.evaluate:
             net = self.networks.all[name]
             was_training = net.training
+            collect = (
+                None if pictures is None else self.logbook.picture_collector(pictures.setdefault(name, []))
+            )
             results[name] = evaluate(
                 net, self.data.val_loader, cfg["nclass"], mode=cfg["eval_mode"], crop_size=cfg["crop_size"],
                 flip=cfg["eval_flip"], scales=tuple(cfg["eval_scales"]), device=self.device,
-                amp_dtype=self.amp_dtype,
+                amp_dtype=self.amp_dtype, on_prediction=collect,
             )  # fmt: skip
             net.train(was_training)
         return results
 
     def _eval_and_save(self) -> None:
-        results = self.evaluate()
+        pictures = {}
+        results = self.evaluate(pictures)
         # The run's score is the best deployable network's; best.pth holds that network.
         deployed = max(self.networks.deploy, key=lambda name: results[name]["miou"])
         miou = results[deployed]["miou"]
         improved = miou > self.best_miou
         if improved:
             self.best_miou, self.best_iteration = miou, self.iteration
-        self._log_evaluation(results, deployed)
+        seconds = self.train_seconds / max(self.iteration - self.start_iteration, 1)
+        self.logbook.evaluation(
+            self.iteration, self.total_iters, results, deployed, (self.best_miou, self.best_iteration),
+            seconds, self.networks.deploy, pictures,
+        )  # fmt: skip
         state = self.state_dict()
         # best.pth first: a run killed between the two writes resumes from the older latest.pth,
         # evaluates this iteration again and rewrites the same best.pth; the other order would lose it.
@@ -289,6 +328,8 @@ class Trainer:
             best = {
                 "model": weights,
                 "network": deployed,
+                "method_name": type(self.method).__name__,
+                "code_version": ckpt.code_version(),
                 "cfg": self.cfg,
                 "iteration": self.iteration,
                 "miou": miou,
@@ -296,30 +337,6 @@ class Trainer:
             self.saver.save("best.pth", best, self.iteration)
         self._save_latest(state)
         barrier()
-
-    def _log_evaluation(self, results: dict, deployed: str) -> None:
-        names = class_names(self.cfg["dataset"], self.cfg["nclass"])
-        several = len(results) > 1
-        best = f" (best {self.best_miou:.2f} at iter {self.best_iteration})"
-        for name, result in results.items():
-            label = f" {name}" if several else ""
-            logger.info(
-                f"iter {self.iteration}/{self.total_iters}:{label} val mIoU {result['miou']:.2f}"
-                + (best if name == deployed else "") + "\n" + format_iou_table(result["iou"], names)
-            )  # fmt: skip
-            if self.writer is not None:
-                prefix = f"eval_{name}" if several else "eval"
-                self.writer.add_scalar(f"{prefix}/mIoU", result["miou"], self.iteration)
-                for cls, iou in zip(names, result["iou"]):
-                    self.writer.add_scalar(f"{prefix}_class/{cls}", iou, self.iteration)
-        if self.writer is not None and several:
-            self.writer.add_scalar("eval/mIoU", results[deployed]["miou"], self.iteration)
-        seconds = self.train_seconds / max(self.iteration - self.start_iteration, 1)
-        self.saver.append_evals(
-            [{"iteration": self.iteration, "network": name, "miou": r["miou"], "iou": list(r["iou"]),
-              "seconds_per_iter": seconds} for name, r in results.items()],
-            self.iteration,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -332,6 +349,7 @@ class Trainer:
             "networks": {name: net.state_dict() for name, net in self.networks.all.items()},
             "model": self.method.deploy_state(deploy, self.networks.all[deploy]),  # for eval.py
             "method_name": type(self.method).__name__,
+            "code_version": ckpt.code_version(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
@@ -341,17 +359,18 @@ class Trainer:
             "nonfinite_steps": self.guard.steps,
             "scaler_skips": self.scaler_skips,
             "world_size": self.dist.world_size,
-            "rng": self._gather_rng(),
+            "rng": self._gather(rng_state()),
             "cfg": self.cfg,
         }
 
-    def _gather_rng(self) -> list:
-        states = [None] * self.dist.world_size
+    def _gather(self, obj) -> list:
+        """`obj` from every rank, in rank order (a collective)."""
+        objects = [None] * self.dist.world_size
         if is_dist():
-            torch.distributed.all_gather_object(states, rng_state())
+            torch.distributed.all_gather_object(objects, obj)
         else:
-            states[0] = rng_state()
-        return states
+            objects[0] = obj
+        return objects
 
     def _save_latest(self, state: dict | None = None) -> None:
         """latest.pth; not during a run of skipped steps, so that latest.pth keeps the state from before the
@@ -370,6 +389,13 @@ class Trainer:
         path, state = self.saver.find_resumable()
         if path is None:
             return False
+        ours = type(self.method).__name__
+        theirs = state.get("method_name", ours)  # checkpoints from before it was recorded: not known
+        if theirs != ours:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {theirs} (code {state.get('code_version', 'unknown')}); this is "
+                f"{ours}. Resume it with {theirs}'s script, or give {ours} another --save-path"
+            )
         try:
             self.load_state_dict(state)
         except ckpt.CheckpointError:
@@ -398,12 +424,18 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         if state["world_size"] == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
+            own = state.get("batchnorm_per_rank")  # written by a stop on a signal (_own_batchnorm_state)
+            for buf, value in zip(self.batchnorm_buffers(), own[self.dist.rank] if own else ()):
+                buf.copy_(value)
         self.iteration = state["iteration"]
         self.best_miou, self.best_iteration = state["best_miou"], state["best_iteration"]
         self.guard.steps = state.get("nonfinite_steps", 0)
         self.scaler_skips = state.get("scaler_skips", 0)
 
     def _warn_about_differences(self, state: dict, path: str) -> None:
+        version, ours = state.get("code_version", "unknown"), ckpt.code_version()
+        if version != ours:
+            logger.warning(f"{path} was written by code {version}; this is code {ours}")
         if state["world_size"] != self.dist.world_size:
             logger.warning(
                 f"{path} was written by {state['world_size']} process(es), this run has "
@@ -419,16 +451,6 @@ class Trainer:
                 )
 
     # ------------------------------------------------------------------ the loop
-    def _log(self, loss: float, terms: dict, stats: dict) -> None:
-        if self.writer is None:
-            return
-        it = self.iteration
-        self.writer.add_scalar("train/loss", loss, it)
-        for name, value in {**terms, **stats}.items():
-            self.writer.add_scalar(f"train/{name}", value, it)
-        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], it)
-        self.writer.add_scalar("train/nonfinite_steps", self.guard.steps, it)
-
     def _after_step(self, loss: float, terms: dict, stats: dict, bar) -> None:
         """Stop on a run of non-finite steps; log; evaluate and save when due."""
         cfg, it = self.cfg, self.iteration
@@ -439,7 +461,8 @@ class Trainer:
                 self.guard.message(it, latest, self.saver.saved_iteration, cfg["max_nonfinite_steps"])
             )
         if it % cfg["log_interval"] == 0:
-            self._log(loss, terms, stats)
+            extra = {"lr": self.optimizer.param_groups[0]["lr"], "nonfinite_steps": self.guard.steps}
+            self.logbook.step(it, loss, terms, stats, self.histograms, extra)
             bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
         if it % (cfg["eval_interval"] or self.iters_per_epoch) == 0 or it == self.total_iters:
             self._eval_and_save()
@@ -447,26 +470,47 @@ class Trainer:
             self._save_latest()
 
     def fit(self) -> float:
-        from torch.utils.tensorboard import SummaryWriter
+        """Train to the end (from latest.pth when there is one); on a stop signal, write latest.pth at the
+        iteration every rank stopped at and raise StopRequested."""
         from tqdm import tqdm
 
-        self.resume()
-        self.start_iteration = self.iteration
-        if self.dist.is_main and self.save_path is not None:
-            self.saver.write_config(self.cfg)
-            # purge_step drops the points a resumed run is about to draw again
-            self.writer = SummaryWriter(self.save_path, purge_step=self.iteration or None)
+        self.stop.install()  # from here on a signal stops after the current step
+        try:
+            self.resume()
+            self.start_iteration = self.iteration
+            self.saver.write_config(self.cfg, self.iteration)
+            self.logbook.open(self.save_path, self.iteration)
+            logger.info(
+                f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per "
+                f"epoch, {self.dist.world_size} process(es) on {self.device}"
+            )
+            bar = tqdm(
+                total=self.total_iters,
+                initial=self.iteration,
+                disable=not self.dist.is_main,
+                dynamic_ncols=True,
+            )
+            start = time.time()
+            self._train(bar)
+            bar.close()
+            if self.iteration < self.total_iters:
+                self._stop_on_signal()
+        finally:
+            self.stop.restore()
+            self.logbook.close()
         logger.info(
-            f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per epoch, "
-            f"{self.dist.world_size} process(es) on {self.device}"
+            f"done in {time.time() - start:.0f}s: best val mIoU {self.best_miou:.2f} at iteration "
+            f"{self.best_iteration}"
+            + (f"; {self.guard.steps} non-finite step(s) skipped" if self.guard.steps else "")
         )
-        bar = tqdm(
-            total=self.total_iters, initial=self.iteration, disable=not self.dist.is_main, dynamic_ncols=True
-        )
+        self.saver.check_final()
+        return self.best_miou
+
+    def _train(self, bar) -> None:
+        """Steps until the last iteration, or until the ranks agree to stop on a signal."""
         for net in self.trained_wrapped:
             net.train()
-        start = time.time()
-        while self.iteration < self.total_iters:
+        while self.iteration < self.total_iters and not self.stop.agreed:
             epoch, start_batch = divmod(self.iteration, self.iters_per_epoch)
             for batch in self.batches(epoch, start_batch):
                 # A skipped (non-finite) step still consumes its batch and advances the iteration, so
@@ -477,15 +521,27 @@ class Trainer:
                 self.iteration += 1
                 bar.update(1)
                 self._after_step(loss, terms, stats, bar)
-                if self.iteration >= self.total_iters:
+                if self.iteration >= self.total_iters or self.stop.agreed:
                     break
-        bar.close()
-        logger.info(
-            f"done in {time.time() - start:.0f}s: best val mIoU {self.best_miou:.2f} at iteration "
-            f"{self.best_iteration}"
-            + (f"; {self.guard.steps} non-finite step(s) skipped" if self.guard.steps else "")
+
+    def _own_batchnorm_state(self) -> dict:
+        """Each rank's own BatchNorm statistics, for a save the uninterrupted run would not make: state_dict
+        averages them over the ranks, which the run would otherwise only do at its next evaluation or save;
+        a resume puts each rank's own back (load_state_dict)."""
+        if not self.ranks_own_batchnorm:
+            return {}
+        own = self._gather([buf.clone() for buf in self.batchnorm_buffers()])
+        return {"batchnorm_per_rank": own}
+
+    def _stop_on_signal(self) -> None:
+        """Every rank agreed to stop after this step: latest.pth (unless this iteration's is written)."""
+        if self.saver.saved_iteration != self.iteration:
+            state = self._own_batchnorm_state()
+            self._save_latest({**self.state_dict(), **state})
+        barrier()
+        latest, saved = self.saver.path("latest.pth"), self.saver.saved_iteration
+        kept = f"{latest} holds iteration {saved}" if latest and saved is not None else "nothing was saved"
+        raise StopRequested(
+            f"stopped by {self.stop.describe()} after iteration {self.iteration}/{self.total_iters}: {kept}; "
+            "run the same command to continue"
         )
-        if self.writer is not None:
-            self.writer.close()
-        self.saver.check_final()
-        return self.best_miou

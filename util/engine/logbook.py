@@ -1,0 +1,87 @@
+"""What a run reports: the text log, TensorBoard (curves, histograms, pictures, the config) and evals.jsonl.
+
+Only rank 0 writes. TensorBoard gets, at each evaluation, image | ground truth | prediction for the first
+`tb_images` validation images of every evaluated network, and at each logged step the loss terms, the
+method's statistics (a statistic with more than one value, such as the pseudo-labels' confidences, becomes a
+histogram), the learning rate and the count of skipped steps.
+"""
+
+import logging
+
+import yaml
+
+from dataset.classes import dataset_classes
+from util.metrics import format_iou_table
+from util.visualise import side_by_side
+
+logger = logging.getLogger("semiseg")
+
+
+class Logbook:
+    def __init__(self, cfg: dict, saver, is_main: bool):
+        self.cfg, self.saver, self.is_main = cfg, saver, is_main
+        self.classes = dataset_classes(cfg)  # a bad classes file stops the run here, before training
+        self.writer = None
+
+    def open(self, save_path: str | None, iteration: int) -> None:
+        if not self.is_main or save_path is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops the points a resumed run is about to draw again
+        self.writer = SummaryWriter(save_path, purge_step=iteration or None)
+        text = yaml.safe_dump(self.cfg, sort_keys=False)
+        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def picture_collector(self, pictures: list):
+        """An `on_prediction` callback for util.metrics.evaluate that keeps the first tb_images pictures."""
+        if self.writer is None or self.cfg["tb_images"] == 0:
+            return None
+
+        def collect(img, mask, pred, ids):
+            if len(pictures) < self.cfg["tb_images"]:
+                pictures.append(side_by_side(img[0], mask[0], pred[0], self.classes.palette))
+
+        return collect
+
+    def step(
+        self, iteration: int, loss: float, terms: dict, stats: dict, histograms: dict, extra: dict
+    ) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("train/loss", loss, iteration)
+        for name, value in {**terms, **stats, **extra}.items():
+            self.writer.add_scalar(f"train/{name}", value, iteration)
+        for name, values in histograms.items():
+            self.writer.add_histogram(f"train/{name}", values.float().cpu(), iteration)
+
+    def evaluation(self, iteration: int, total_iters: int, results: dict, deployed: str, best: tuple,
+                   seconds_per_iter: float, deployable: tuple, pictures: dict) -> None:  # fmt: skip
+        """Text log, TensorBoard and evals.jsonl for one evaluation of every evaluated network."""
+        names, several = self.classes.names, len(results) > 1
+        for name, result in results.items():
+            label = f" {name}" if several else ""
+            note = f" (best {best[0]:.2f} at iter {best[1]})" if name == deployed else ""
+            logger.info(
+                f"iter {iteration}/{total_iters}:{label} val mIoU {result['miou']:.2f}{note}\n"
+                + format_iou_table(result["iou"], names)
+            )
+            if self.writer is not None:
+                prefix = f"eval_{name}" if several else "eval"
+                self.writer.add_scalar(f"{prefix}/mIoU", result["miou"], iteration)
+                for cls, iou in zip(names, result["iou"]):
+                    self.writer.add_scalar(f"{prefix}_class/{cls}", iou, iteration)
+                for i, picture in enumerate(pictures.get(name, [])):
+                    self.writer.add_image(f"{prefix}_images/{i}", picture, iteration, dataformats="HWC")
+        if self.writer is not None and several:
+            self.writer.add_scalar("eval/mIoU", results[deployed]["miou"], iteration)
+        rows = [
+            {"iteration": iteration, "network": name, "miou": r["miou"], "iou": list(r["iou"]),
+             "seconds_per_iter": seconds_per_iter, "total_iters": total_iters, "deploy": name in deployable}
+            for name, r in results.items()
+        ]  # fmt: skip
+        self.saver.append_evals(rows, iteration)

@@ -1,0 +1,193 @@
+"""DUEB's terms (Thakur and Kurmi, WACV 2025), as plain functions of tensors.
+
+Two branches teach each other through CPCL's intersection and union pseudo-labels; each branch also
+carries an aleatoric-uncertainty loss on a predicted per-pixel variance and an energy loss.
+
+Shapes: logits (B, K, H, W), variance (B, 1, H, W) >= 0, labels (B, H, W) long with 255 = ignored,
+confidence (B, H, W). Each loss has a `released` flag that reproduces the authors' code instead of the
+paper's method; docs/DIFFERENCES.md lists what changes.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from util.dist import all_reduce_sum
+from util.losses import IGNORE
+
+
+# ------------------------------------------------------------------ intersection / union pseudo-labels
+def confusion_counts(
+    pred_1: torch.Tensor, pred_2: torch.Tensor, valid: torch.Tensor, nclass: int
+) -> torch.Tensor:
+    """(K, K) counts of the pixels where branch 1 predicts row i and branch 2 column j, over `valid` pixels.
+
+    One scatter-add into K*K + 1 bins on the device (invalid pixels go to the last bin, then dropped);
+    torch.bincount would read the largest index back to the host to size its output. The caller sums the
+    counts over ranks before `conflict_rates`, so every rank sees the global batch's matrix.
+    """
+    index = (pred_1 * nclass + pred_2).flatten()
+    index = torch.where(valid.flatten(), index, torch.full_like(index, nclass * nclass))
+    counts = torch.zeros(nclass * nclass + 1, dtype=torch.long, device=index.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
+    return counts[: nclass * nclass].view(nclass, nclass)
+
+
+def conflict_rates(counts: torch.Tensor) -> torch.Tensor:
+    """Normalised per-class conflict rates r (K,), float64, from confusion counts (rows: branch 1).
+
+    Each class first gets one agreeing pixel (as CPCL appends 0..K-1 to both predictions), so a class
+    that one branch never predicts has a zero rate there instead of 0/0. Then
+        r_c = (col_c - K_cc) / col_c + (row_c - K_cc) / row_c,     r <- r / (sum r + 1e-6):
+    the fraction of branch 2's and of branch 1's class-c pixels that the other branch labels differently.
+    """
+    counts = counts.double() + torch.eye(counts.shape[0], dtype=torch.double, device=counts.device)
+    agree = counts.diagonal()
+    rate = (counts.sum(0) - agree) / counts.sum(0) + (counts.sum(1) - agree) / counts.sum(1)
+    return rate / (rate.sum() + 1e-6)  # float64, as CPCL compares them
+
+
+@dataclass
+class CrossLabels:
+    """Targets of the two branches on the unlabeled images: each a label map (255 = ignored) and a weight."""
+
+    inter_label: torch.Tensor  # (B, H, W): the shared label where the teachers agree (conservative branch 1)
+    inter_weight: torch.Tensor  # (B, H, W): mean confidence of the two teachers
+    union_label: torch.Tensor  # (B, H, W): every pixel labelled (progressive branch 2)
+    union_weight: torch.Tensor  # (B, H, W)
+
+
+def intersection_union_labels(
+    pred_1: torch.Tensor,
+    confidence_1: torch.Tensor,
+    pred_2: torch.Tensor,
+    confidence_2: torch.Tensor,
+    rate: torch.Tensor,
+    valid: torch.Tensor,
+) -> CrossLabels:
+    """CPCL's pseudo-labels from the two teachers' hard predictions and confidences (all (B, H, W)).
+
+    Where the teachers agree, both targets are the shared class with weight (w1 + w2) / 2. Where they
+    disagree, the intersection ignores the pixel and the union takes the prediction whose class has the
+    larger conflict rate `rate` (K,) (the class involved in more disagreements), with that teacher's
+    confidence; on a tie branch 2's prediction wins. Pixels that are not `valid` (crop padding) are ignored
+    by both.
+    """
+    agree = pred_1 == pred_2
+    mean_confidence = (confidence_1 + confidence_2) / 2
+    ignored = torch.full_like(pred_1, IGNORE)
+    take_1 = rate[pred_1] > rate[pred_2]
+    union_label = torch.where(agree | take_1, pred_1, pred_2)
+    union_weight = torch.where(agree, mean_confidence, torch.where(take_1, confidence_1, confidence_2))
+    return CrossLabels(
+        inter_label=torch.where(agree & valid, pred_1, ignored),
+        inter_weight=mean_confidence,
+        union_label=torch.where(valid, union_label, ignored),
+        union_weight=union_weight,
+    )
+
+
+def global_cross_labels(
+    pred_1: torch.Tensor,
+    confidence_1: torch.Tensor,
+    pred_2: torch.Tensor,
+    confidence_2: torch.Tensor,
+    valid: torch.Tensor,
+    nclass: int,
+) -> CrossLabels:
+    """`intersection_union_labels` with the conflict rates of the confusion counts summed over all ranks
+    (one all_reduce when a process group runs), so that every rank settles disagreements as one process
+    holding the global batch would."""
+    counts = all_reduce_sum(confusion_counts(pred_1, pred_2, valid, nclass))
+    return intersection_union_labels(
+        pred_1, confidence_1, pred_2, confidence_2, conflict_rates(counts), valid
+    )
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, count_ignored: bool = False
+) -> torch.Tensor:
+    """sum_p weight(p) CE(z_p, y_p) over labelled pixels, divided by their number (zero if none).
+
+    count_ignored=True (the released code, from CPCL): divided by the number of all pixels, ignored ones
+    included, so the intersection loss shrinks with the teachers' disagreement.
+    """
+    valid = label != IGNORE
+    ce = F.cross_entropy(logits.float(), label, ignore_index=IGNORE, reduction="none")
+    total = (ce * weight).sum()
+    return total / (label.numel() if count_ignored else valid.sum().clamp(min=1))
+
+
+# ------------------------------------------------------------------ aleatoric uncertainty
+def _target_nll(log_prob: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """-log p(y) at every pixel from log-probabilities (..., K, H, W) and labels (B, H, W) -> (..., H, W).
+
+    Ignored pixels read class 0: mask them afterwards."""
+    safe = torch.where(label != IGNORE, label, torch.zeros_like(label)).unsqueeze(-3)
+    return -log_prob.gather(-3, safe.expand(*log_prob.shape[:-3], *safe.shape[-3:])).squeeze(-3)
+
+
+def aleatoric_loss(
+    logits: torch.Tensor,
+    variance: torch.Tensor,
+    label: torch.Tensor,
+    noise: torch.Tensor,
+    released: bool = False,
+) -> torch.Tensor:
+    """Heteroscedastic ("Bayesian") cross-entropy over T Monte-Carlo logit samples, plus a variance depressor.
+
+    noise: (T, B, K, H, W) standard normal draws; the samples are z + sigma * noise with sigma = sqrt(v),
+    all T at once. With CE0 the cross-entropy of z and CE_t that of sample t,
+        AL = CE0 + CE0 * mean_t(-ELU(CE0 - CE_t)) + (exp(v) - 1)
+    (a sample that fits worse than z lowers the loss when its variance allows it; the depressor keeps the
+    variance from growing without bound).
+
+    Paper (default): per pixel, averaged over the labelled pixels (depressor included); the noise is
+    reparameterised, so the gradient reaches the variance through the samples.
+    released=True: CE0 and CE_t are batch means over the labelled pixels, the depressor a mean over all
+    pixels, and the samples carry no gradient to the variance (Normal.sample()): the variance only feels
+    the depressor.
+    """
+    logits, variance = logits.float(), variance.float()
+    valid = label != IGNORE
+    num_valid = valid.sum().clamp(min=1)
+    sigma = (variance + 1e-15).sqrt()  # (B, 1, H, W), shared by the K classes
+    perturbation = sigma * noise  # (T, B, K, H, W)
+    if released:
+        perturbation = perturbation.detach()
+    ce_clean = _target_nll(logits.log_softmax(dim=1), label)  # (B, H, W)
+    ce_noisy = _target_nll((logits + perturbation).log_softmax(dim=2), label)  # (T, B, H, W)
+    depressor = variance.squeeze(1).exp() - 1  # (B, H, W)
+    if released:
+        ce0 = (ce_clean * valid).sum() / num_valid
+        ce_t = (ce_noisy * valid).sum(dim=(1, 2, 3)) / num_valid  # (T,)
+        return ce0 + ce0 * (-F.elu(ce0 - ce_t)).mean() + depressor.mean()
+    per_pixel = ce_clean + ce_clean * (-F.elu(ce_clean - ce_noisy)).mean(dim=0) + depressor
+    return (per_pixel * valid).sum() / num_valid
+
+
+# ------------------------------------------------------------------ energy
+def energy_loss(logits: torch.Tensor, label: torch.Tensor, released: bool = False) -> torch.Tensor:
+    """Energy term on the labelled pixels; zero when there are none.
+
+    Paper (released=False), our reading of the figure's "Logits -> LogSumExp": the mean free energy
+    -log sum_k exp(z_pk) of the logits over the labelled pixels. It has no lower bound (raising all logits
+    together lowers it), which is why DUEB.py uses the released term by default.
+    released=True: log sum_p exp(s_p) over all labelled pixels of the batch, with s_p = softmax(z_p)[y_p]
+    and pixels with s_p == 0 left out (a penalty on the target probability, plus log N). The released
+    code returns -inf when no pixel is labelled; here that case gives 0.
+    """
+    logits = logits.float()
+    valid = label != IGNORE
+    if not released:
+        free_energy = -logits.logsumexp(dim=1)
+        return (free_energy * valid).sum() / valid.sum().clamp(min=1)
+    target_prob = (-_target_nll(logits.log_softmax(dim=1), label)).exp()
+    selected = valid & (target_prob != 0)
+    any_selected = selected.any()
+    # Unselected pixels: -inf, or 0 when nothing is selected so that logsumexp and its gradient stay
+    # finite (its value is then discarded).
+    filler = torch.where(any_selected, -torch.inf, 0.0)
+    values = torch.where(selected, target_prob, filler)
+    return torch.where(any_selected, values.logsumexp(dim=(0, 1, 2)), 0.0)
