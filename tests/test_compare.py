@@ -234,12 +234,39 @@ def test_trains_skips_finished_runs_and_reruns_failed_ones(tmp_path, monkeypatch
     assert "$ " + sys.executable in (root / "base" / "seed0" / "compare.log").read_text()
 
 
+def test_variant_runs_its_script_with_its_overrides(tmp_path, monkeypatch):
+    (tmp_path / "base.py").write_text(FAKE_METHOD)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(CONFIG.format(root=tmp_path))
+    root, calls = tmp_path / "cmp", tmp_path / "calls.jsonl"
+    monkeypatch.setenv("CALLS", str(calls))
+    summaries = compare.main(
+        ["--config", str(config), "--methods", str(tmp_path / "base.py"), "max_iters=6",
+         "--variant", "longer", str(tmp_path / "base.py"), "max_iters=9", "lr=0.5",
+         "--seeds", "0", "--save-root", str(root)]
+    )  # fmt: skip
+    made = [json.loads(line) for line in calls.read_text().splitlines()]
+    # the variant's overrides come after the common ones, so they win
+    assert [(os.path.relpath(c[1], root), c[2]) for c in made] == [
+        ("base/seed0", ["max_iters=6", "seed=0"]),
+        ("longer/seed0", ["max_iters=6", "max_iters=9", "lr=0.5", "seed=0"]),
+    ]
+    assert [(s.method, s.runs, s.final[0]) for s in summaries] == [("base", 1, 36.0), ("longer", 1, 39.0)]
+    collected = compare.main(
+        ["--collect", "--save-root", str(root), "--methods", "base", "--variant", "longer"]
+    )
+    assert [s.method for s in collected] == ["base", "longer"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--methods", "nosuchmethod"], "no script"),
         (["--methods", "unimatch", "seed=3"], "--seeds"),
         (["--methods", "unimatch", "lr=fast"], "lr"),
+        (["--methods", "unimatch", "--variant", "cpcl", "DUEB", "dueb.energy=sometimes"], "dueb.energy"),
+        (["--methods", "unimatch", "--variant", "unimatch", "DUEB"], "exists already"),
+        (["--variant", "cpcl"], "NAME SCRIPT"),
         ([], "--methods are required"),
     ],
 )

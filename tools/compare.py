@@ -2,6 +2,8 @@
 
     python tools/compare.py --config configs/demo.yaml --methods supervised unimatch UCCL MLCL \\
         --seeds 0 1 2 --save-root runs/cmp [key=value ...]
+    python tools/compare.py --config configs/demo.yaml --methods unimatch DUEB \\
+        --variant CPCL DUEB dueb.aleatoric=off dueb.energy=off --save-root runs/cmp
     python tools/compare.py --collect --save-root runs/cmp [--methods ...]   # runs launched elsewhere
 
 Each method x seed trains in `ROOT/METHOD/seedS` as its own process,
@@ -10,6 +12,9 @@ under `torchrun --standalone --nproc_per_node N`), one after the other, seed by 
 `ROOT/METHOD/seedS/compare.log`. Running the command again skips the finished runs and resumes the others
 (the entry scripts resume from their latest.pth). A run that fails is reported and the next one starts.
 A method is a script name in the repository root (`unimatch` -> unimatch.py) or a path to a script.
+`--variant NAME SCRIPT KEY=VALUE ...` adds a row named NAME that runs SCRIPT with these overrides on top of
+the common ones (a method with some terms off, another preset), in `ROOT/NAME/seedS`; the variants follow
+the methods in the table.
 
 `--collect` trains nothing: it reads the run folders that exist (laid out as above: a scheduler can launch
 each run with the command above and collect them afterwards).
@@ -291,6 +296,29 @@ def method_script(method: str) -> tuple[str, str]:
     return name, path
 
 
+@dataclass
+class Entry:
+    """A row of the comparison: the script it runs and its own overrides (a variant's)."""
+
+    script: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def entries(methods: list[str], variants: list[list[str]]) -> dict[str, Entry]:
+    """{row name: Entry} of --methods and each --variant NAME SCRIPT [KEY=VALUE ...]."""
+    table = {name: Entry(path) for name, path in (method_script(m) for m in methods)}
+    for variant in variants:
+        if len(variant) < 2 or "=" in variant[0] or "=" in variant[1]:
+            raise ConfigError(f"--variant {' '.join(variant)}: give NAME SCRIPT [KEY=VALUE ...]")
+        name, method, *overrides = variant
+        if name in table:
+            raise ConfigError(f"--variant {name}: a row of that name exists already")
+        if not all("=" in o for o in overrides):
+            raise ConfigError(f"--variant {name}: overrides are KEY=VALUE, got {overrides}")
+        table[name] = Entry(method_script(method)[1], overrides)
+    return table
+
+
 def train(script: str, config: str, folder: str, seed: int, overrides: list[str], nproc: int) -> int:
     """One training process (or torchrun group), its output appended to folder/compare.log."""
     if nproc > 1:
@@ -328,6 +356,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--seeds", nargs="+", type=int, help="default: 0 1 2, or the seedN folders (--collect)"
     )
+    parser.add_argument(
+        "--variant", nargs="+", action="append", default=[], metavar="NAME SCRIPT KEY=VALUE",
+        help="one more row: SCRIPT with these overrides, in SAVE_ROOT/NAME (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--save-root", required=True, help="runs go to SAVE_ROOT/METHOD/seedS")
     parser.add_argument("--collect", action="store_true", help="train nothing; tabulate the existing runs")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun), default 1")
@@ -362,15 +394,18 @@ def main(argv=None) -> list[Summary]:
             raise ConfigError("give seeds with --seeds, not as a seed= override")
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
-        if not args.collect and (args.config is None or not args.methods):
+        if not args.collect and (args.config is None or not (args.methods or args.variant)):
             raise ConfigError("--config and --methods are required to train (or pass --collect)")
         cfg = load_config(args.config, args.overrides) if args.config else None
         if args.collect:
-            methods, seeds = discover(args.save_root, [m for m in args.methods or []], args.seeds)
-            scripts = {m: None for m in methods}
+            names = [*(args.methods or []), *(v[0] for v in args.variant)]
+            methods, seeds = discover(args.save_root, names, args.seeds)
         else:
-            scripts = dict(method_script(m) for m in args.methods)
-            methods, seeds = list(scripts), args.seeds if args.seeds is not None else [0, 1, 2]
+            rows = entries(args.methods or [], args.variant)
+            for entry in rows.values():
+                if entry.overrides:  # a bad variant stops here, before any run trains
+                    load_config(args.config, args.overrides + entry.overrides)
+            methods, seeds = list(rows), args.seeds if args.seeds is not None else [0, 1, 2]
         if not methods or not seeds:
             raise ConfigError(f"no runs to collect under {args.save_root}")
     except (ConfigError, OSError, ValueError) as err:
@@ -385,7 +420,9 @@ def main(argv=None) -> list[Summary]:
             read_run(run, cfg, args.nproc)
             if not args.collect and run.status != "finished":
                 print(f"[{len(runs) + 1}/{total}] {method} seed {seed}: training in {run.folder}", flush=True)
-                code = train(scripts[method], args.config, run.folder, seed, args.overrides, args.nproc)
+                entry = rows[method]
+                overrides = args.overrides + entry.overrides
+                code = train(entry.script, args.config, run.folder, seed, overrides, args.nproc)
                 run = read_run(Run(method, seed, run.folder), cfg, args.nproc)
                 if code != 0:
                     run.status, run.note = "failed", f"exit status {code}"
