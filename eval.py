@@ -29,6 +29,13 @@ from util.metrics import ShardSampler, evaluate, format_iou_table
 from util.visualise import side_by_side
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -40,7 +47,9 @@ def parse_args(argv=None):
         "--mode", choices=("original", "center_crop", "sliding_window"), help="default: config"
     )
     parser.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
-    parser.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.75 1.0 1.25")
+    parser.add_argument(
+        "--scales", type=positive_float, nargs="+", help="multi-scale inference, e.g. 0.75 1.0 1.25"
+    )
     parser.add_argument("--save-vis", metavar="DIR", help="write image | ground truth | prediction PNGs here")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. backbone=resnet50")
     return parser.parse_intermixed_args(argv)
@@ -55,9 +64,14 @@ class VisualisationWriter:
         self.colours = colours
 
     def __call__(self, img, mask, pred, ids):
-        name = os.path.splitext(os.path.basename(ids[0]))[0]
         picture = side_by_side(img[0], mask[0], pred[0], self.colours)
-        Image.fromarray(picture).save(os.path.join(self.folder, name + ".png"))
+        # The split's relative path, so that images of one name in different folders do not collide.
+        parts = [
+            p for p in os.path.normpath(os.path.splitext(ids[0])[0]).split(os.sep) if p not in ("", "..")
+        ]
+        path = os.path.join(self.folder, *parts) + ".png"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(picture).save(path)
 
 
 def main(argv=None) -> dict:
@@ -69,7 +83,7 @@ def main(argv=None) -> dict:
     try:
         cfg = load_config(args.config, overrides)
         if dist_info.is_main:
-            prepare_demo_data(cfg)
+            prepare_demo_data(cfg, generate=False)
         state = ckpt.load(args.checkpoint)
         model = build_model({**cfg, "pretrained": None}).to(dist_info.device)
         ckpt.load_model_weights(model, ckpt.model_state(state), args.checkpoint)
@@ -99,6 +113,8 @@ def main(argv=None) -> dict:
         where = f" (iteration {state['iteration']})" if "iteration" in state else ""
         if "network" in state:
             where += f", network '{state['network']}'"
+        if "method_name" in state:
+            where += f", written by {state['method_name']}, code {state.get('code_version', 'unknown')}"
         print(f"{args.checkpoint}{where} on {cfg['val_id_path']}: {len(val)} images, mode {mode}, "
               f"flip {flip}, scales {list(scales)}")  # fmt: skip
         print(format_iou_table(result["iou"], classes.names))

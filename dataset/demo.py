@@ -14,7 +14,7 @@ Layout (Pascal VOC style, the split files use the usual ``<image> <mask>`` lines
     root/SegmentationClass/train_00000.png   # mode 'P', class indices, no ignore pixels
     root/splits/labeled.txt, unlabeled.txt   # a partition of the training images
     root/splits/val.txt
-    root/.complete                           # written last; records the parameters
+    root/.complete                           # written last; records the parameters (the manifest)
 
 Usage::
 
@@ -122,23 +122,39 @@ def generate_demo(
     return root
 
 
-def ensure_demo(root, **kwargs):
-    """Generate the demo dataset unless a complete one with the same parameters is there.
+def ensure_demo(root, generate=True, **kwargs):
+    """Generate the demo dataset unless a complete one is there; never overwrite a complete one.
 
-    Returns True if it (re)generated the dataset.
+    Returns True if it generated the dataset. A complete dataset made with other parameters (recorded in
+    its marker) is a ValueError naming both; so is a missing one when ``generate`` is False (``eval.py``
+    reads data, it never writes any).
     """
     wanted = demo_params(**kwargs)
-    marker = os.path.join(root, MARKER)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            try:
-                found = json.load(f)
-            except json.JSONDecodeError:
-                found = None
-        if found == wanted:
-            return False
+    found = read_marker(root)
+    if found == wanted:
+        return False
+    if found is not None:
+        differ = sorted(k for k in wanted if found.get(k) != wanted[k])
+        made = ", ".join(f"{k}={found.get(k)}" for k in differ)
+        asked = ", ".join(f"{k}={wanted[k]}" for k in differ)
+        raise ValueError(
+            f"{root} holds a demo dataset made with {made}; the config asks for {asked}. It is not "
+            "overwritten: set data_root to another folder, use the parameters it was made with, or delete it "
+            "to generate it again"
+        )
+    if not generate:
+        raise ValueError(f"no complete demo dataset in {root}: train first, or run python -m dataset.demo")
     generate_demo(root, **kwargs)
     return True
+
+
+def read_marker(root):
+    """The parameters a complete demo dataset in ``root`` was made with, or None."""
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def demo_params(**kwargs):
@@ -319,7 +335,10 @@ def main(argv=None):
         generate_demo(root, **args)
         generated = True
     else:
-        generated = ensure_demo(root, **args)
+        try:
+            generated = ensure_demo(root, **args)
+        except ValueError as err:
+            raise SystemExit(f"error: {err} (or pass --force to overwrite it)") from None
     print(f"{'wrote' if generated else 'found complete'} demo dataset in {root}")
 
 

@@ -31,6 +31,9 @@ class DataError(ValueError):
 # Masks must hold class indices, one channel. 'I;16*' and 'I' are 16/32-bit PNGs.
 _MASK_MODES = ("P", "L", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
+# The smallest side of a training image: the random resize may halve it, and 1 pixel would become 0.
+MIN_TRAIN_SIDE = 2
+
 
 class SemiDataset(torch.utils.data.Dataset):
     """One split of a segmentation dataset, in one of three modes.
@@ -91,6 +94,8 @@ class SemiDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         img_path, mask_path = self.samples[index]
         img = load_image(os.path.join(self.root, img_path))
+        if self.mode != "val":
+            check_trainable(img.size, os.path.join(self.root, img_path))
 
         if self.mode == "train_u":
             # A zero "label" follows the image through the geometric augmentations so
@@ -99,7 +104,7 @@ class SemiDataset(torch.utils.data.Dataset):
         else:
             full_mask_path = os.path.join(self.root, mask_path)
             mask = load_mask(full_mask_path, self.nclass, self.ignore_index)
-            check_same_size(img, mask, os.path.join(self.root, img_path), full_mask_path)
+            check_same_size(img.size, mask.shape[::-1], os.path.join(self.root, img_path), full_mask_path)
         mask = T.as_mask(mask)
 
         if self.mode == "val":
@@ -201,8 +206,7 @@ def load_mask(path, nclass, ignore_index=255):
             array = np.array(mask) if mode in _MASK_MODES else None
     except Exception as e:
         raise DataError(f"cannot read mask {path}: {e}") from e
-    if array is None:
-        raise DataError(f"mask must be single-channel class indices, got {mode}: {path}")
+    check_mask_mode(mode, path)
 
     bad = invalid_values(array, nclass, ignore_index)
     if len(bad):
@@ -224,10 +228,23 @@ def invalid_values(array, nclass, ignore_index=255):
     return values[((values < 0) | (values >= nclass)) & (values != ignore_index)]
 
 
-def check_same_size(img, mask, img_path, mask_path):
-    mask_h, mask_w = mask.shape
-    if (img.height, img.width) != (mask_h, mask_w):
+def check_mask_mode(mode, path):
+    if mode not in _MASK_MODES:
+        raise DataError(f"mask must be single-channel class indices, got {mode}: {path}")
+
+
+def check_same_size(img_size, mask_size, img_path, mask_path):
+    """Sizes as (width, height), as PIL gives them."""
+    if tuple(img_size) != tuple(mask_size):
         raise DataError(
-            f"image and mask sizes differ: {img_path} is {img.width}x{img.height}, "
-            f"{mask_path} is {mask_w}x{mask_h} (width x height)"
+            f"image and mask sizes differ: {img_path} is {img_size[0]}x{img_size[1]}, "
+            f"{mask_path} is {mask_size[0]}x{mask_size[1]} (width x height)"
+        )
+
+
+def check_trainable(img_size, path):
+    if min(img_size) < MIN_TRAIN_SIDE:
+        raise DataError(
+            f"image {path} is {img_size[0]}x{img_size[1]}, too small to train on (less than {MIN_TRAIN_SIDE} "
+            "pixels a side: the random resize would leave nothing)"
         )

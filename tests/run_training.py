@@ -16,6 +16,11 @@ that the library carries no test hooks:
                       gradient into NaN (the value stays finite).
 --fsize-limit-at N    before iteration N, limits the size of any file this process writes to
                       --fsize-limit bytes (RLIMIT_FSIZE; writes beyond it fail with EFBIG, like a full disk).
+--signal-at N SIG     sends signal SIG (TERM, INT, USR1) to this process before iteration N, on rank
+                      --signal-rank (default 0), on torchrun's first attempt only.
+--signal-in-save K SIG  sends SIG to this process in the middle of its K-th checkpoint write.
+--wait-at N           before iteration N, on rank --wait-rank (default 0), writes the file --ready-file and
+                      waits (up to 60 s) until a stop signal has arrived: the test sends it from outside.
 --dump-weights DIR    writes every rank's final weights to DIR/rank<r>.pt, to compare ranks.
 """
 
@@ -26,6 +31,7 @@ import os
 import resource
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -72,7 +78,9 @@ def inject_nan(trainer, args):
     trainer.method.step = step
 
 
-def kill_in_save(count):
+def in_save(count, action):
+    """Run action() in the middle of the count-th torch.save, with half of the file on disk; the write then
+    goes on (unless action ended the process)."""
     real_save = torch.save
     calls = [0]
 
@@ -86,9 +94,19 @@ def kill_in_save(count):
         f.write(data[: len(data) // 2])
         f.flush()
         os.fsync(f.fileno())
-        sigkill()
+        action()
+        f.write(data[len(data) // 2 :])
 
     torch.save = save
+
+
+def wait_for_signal(trainer, ready_file):
+    """Tell the test that this process is waiting, then wait until the stop signal it sends has arrived."""
+    with open(ready_file, "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not trainer.stop.requested and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def main():
@@ -107,6 +125,12 @@ def main():
     parser.add_argument("--nan-kind", choices=("loss", "grad"), default="loss")
     parser.add_argument("--fsize-limit-at", type=int)
     parser.add_argument("--fsize-limit", type=int, default=1 << 16)
+    parser.add_argument("--signal-at", nargs=2, metavar=("N", "SIG"))
+    parser.add_argument("--signal-rank", type=int, default=0)
+    parser.add_argument("--signal-in-save", nargs=2, metavar=("K", "SIG"))
+    parser.add_argument("--wait-at", type=int)
+    parser.add_argument("--wait-rank", type=int, default=0)
+    parser.add_argument("--ready-file")
     parser.add_argument("--dump-weights")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
@@ -119,7 +143,17 @@ def main():
     if args.kill_at is not None and rank == args.kill_rank and first_attempt():
         before_step(trainer, lambda it: sigkill() if it == args.kill_at else None)
     if args.kill_in_save is not None:
-        kill_in_save(args.kill_in_save)
+        in_save(args.kill_in_save, sigkill)
+    if args.signal_at is not None and rank == args.signal_rank and first_attempt():
+        at, sig = int(args.signal_at[0]), getattr(signal, "SIG" + args.signal_at[1])
+        before_step(trainer, lambda it, at=at, sig=sig: os.kill(os.getpid(), sig) if it == at else None)
+    if args.signal_in_save is not None:
+        again = getattr(signal, "SIG" + args.signal_in_save[1])
+        in_save(int(args.signal_in_save[0]), lambda: os.kill(os.getpid(), again))
+    if args.wait_at is not None and rank == args.wait_rank:
+        before_step(
+            trainer, lambda it: wait_for_signal(trainer, args.ready_file) if it == args.wait_at else None
+        )
     if args.nan_at is not None:
         inject_nan(trainer, args)
     if args.fsize_limit_at is not None:

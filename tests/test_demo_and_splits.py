@@ -148,9 +148,15 @@ def test_ensure_demo_marker(tmp_path):
     assert ensure_demo(root, **small) is True
     assert os.path.isfile(first_image) and os.path.isfile(os.path.join(root, ".complete"))
 
-    # Other parameters than the ones recorded in the marker: generated again.
-    assert ensure_demo(root, **{**small, "num_train": 8}) is True
-    assert len(read_lines(os.path.join(root, "splits", "unlabeled.txt"))) == 7
+    # Other parameters than the ones recorded in the marker: an error naming both, nothing overwritten.
+    marker = open(os.path.join(root, ".complete")).read()
+    with pytest.raises(ValueError, match=r"made with num_train=6; the config asks for num_train=8"):
+        ensure_demo(root, **{**small, "num_train": 8})
+    assert open(os.path.join(root, ".complete")).read() == marker
+    assert len(read_lines(os.path.join(root, "splits", "unlabeled.txt"))) == 5
+    with pytest.raises(ValueError, match="no complete demo dataset"):
+        ensure_demo(str(tmp_path / "absent"), generate=False, **small)
+    assert not os.path.exists(tmp_path / "absent")
 
 
 def test_demo_cli(tmp_path):

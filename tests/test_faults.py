@@ -1,7 +1,8 @@
 """Fault injection: each case is a real training process (or two under torchrun/gloo) that is killed,
-fed NaNs, a damaged or hostile checkpoint, a full disk or a malformed data file, and what must hold
-afterwards is checked: bit-identical weights after a resume, loadable checkpoints, exit statuses,
-messages that name the file, and no code executed from a checkpoint.
+stopped by a signal, started twice on one save path, fed NaNs, a damaged or hostile checkpoint, a full disk,
+a malformed data file or config, and what must hold afterwards is checked: bit-identical weights after a
+resume, loadable checkpoints, exit statuses, messages that name the file or key, and no code executed from a
+checkpoint. Checks that need no training process run in-process (at the end).
 
 The faults are injected by tests/run_training.py (test-only flags); the library has no test hooks.
 """
@@ -9,16 +10,22 @@ The faults are injected by tests/run_training.py (test-only flags); the library 
 import glob
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tests.test_training import ROOT, TINY, weights
 from util import checkpoint as ckpt
+from util.config import ConfigError, load_config
+from util.engine import EXIT_REQUEUE
 
 RUNNER = [sys.executable, "tests/run_training.py", "unimatch"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -35,7 +42,7 @@ def launch(args, env_extra=None):
 
 def run(args, expect=0):
     code, out = launch(args)
-    if (code != 0) if expect == "fail" else (code != expect):
+    if (code == 0) if expect == "fail" else (code != expect):
         raise AssertionError(f"{args} exited {code}, expected {expect}\n{out}")
     return out
 
@@ -389,7 +396,7 @@ def break_zero_byte(image, mask):
 
 
 def break_truncated_jpeg(image, mask):
-    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    image.write_bytes(image.read_bytes()[:-200])  # the header is whole: found when the image is decoded
     return image, "cannot read image"
 
 
@@ -426,9 +433,9 @@ def test_malformed_data_file_stops_training_naming_it(tmp_path, breaker, workers
         broken.append(str(bad))
     save = tmp_path / "run"
     out = run([*RUNNER, "--config", config, "--save-path", str(save), f"num_workers={workers}"], expect=2)
-    assert message in out
-    error = next(line for line in out.splitlines() if "error:" in line)
-    assert any(path in error for path in broken), error
+    # Zero-byte images are found by the check before training (listed, all of them), the others when read.
+    error = out[out.index("error:") :].splitlines()
+    assert any(message in line and any(path in line for path in broken) for line in error), out
     assert "Traceback" not in out
 
 
@@ -483,3 +490,226 @@ def test_skipped_step_puts_back_the_method_state(data, tmp_path):
         assert not torch.equal(moved, before["memory"]), "a good step must move the memory"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# ---------------------------------------------------------------------------- stop signals, one run per path
+
+
+def start(args, log):
+    """A process in the background, in a process group of its own, its output going to the file `log` (a
+    pipe could fill up and block it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
+
+
+def wait_for(path, proc, log, timeout=300):
+    """Until `proc` (run with --wait-at/--ready-file) waits for a signal."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the process never got to wait for a signal:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def test_stop_signals_save_and_the_resumed_runs_end_bit_identical(data, reference_one, tmp_path):
+    """SIGTERM, SIGINT and SIGUSR1 each stop the run after the step it is in, with latest.pth at that
+    iteration and exit status 75; the same command each time then ends with the weights of an uninterrupted
+    run. While the first run is up, a second one on its save path is refused, naming it."""
+    save, ready, log = tmp_path / "run", tmp_path / "ready", tmp_path / "first.log"
+    command = [*RUNNER, "--config", data["config"], "--save-path", str(save)]
+    # SIGTERM to the process and its loader worker (as SLURM signals every process of a job) before
+    # iteration 0's step; another SIGTERM half-way through the save it causes.
+    stop_in_save = ["--signal-in-save", "1", "TERM", "num_workers=1"]
+    first = start([*command, "--wait-at", "0", "--ready-file", str(ready), *stop_in_save], log)
+    wait_for(ready, first, log)
+    out = run(command, expect=2)
+    assert f"save path {save} is in use by another run (host {socket.gethostname()}, PID {first.pid}," in out
+    os.killpg(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=600) == EXIT_REQUEUE, log.read_text()
+    out = log.read_text()
+    assert "SIGTERM again: ignored" in out
+    assert f"stopped by SIGTERM after iteration 1/6: {save / 'latest.pth'} holds iteration 1" in out
+    assert ckpt.load_training_state(str(save / "latest.pth"))["iteration"] == 1
+    assert not glob.glob(str(save / "*.tmp.*"))
+
+    # Ctrl-C before iteration 2: that step, then the evaluation and save due at iteration 3, then the stop.
+    out = run([*command, "--signal-at", "2", "INT"], expect=EXIT_REQUEUE)
+    assert "at iteration 1/6" in out and "stopped by SIGINT after iteration 3/6" in out
+    assert "KeyboardInterrupt" not in out and "Traceback" not in out
+    assert ckpt.load_training_state(str(save / "latest.pth"))["iteration"] == 3
+
+    # SIGUSR1, with a changed config. Each config that ran is kept, under the iteration it ran up to.
+    out = run([*command, "--signal-at", "4", "USR1", "log_interval=2"], expect=EXIT_REQUEUE)
+    assert "stopped by SIGUSR1 after iteration 5/6" in out
+    assert yaml.safe_load((save / "config.1.yaml").read_text())["num_workers"] == 1
+    assert yaml.safe_load((save / "config.3.yaml").read_text())["log_interval"] == 1
+    assert yaml.safe_load((save / "config.yaml").read_text())["log_interval"] == 2
+    assert ckpt.load_training_state(str(save / "latest.pth"))["iteration"] == 5
+    run([*command, "log_interval=2"])
+    assert_same_run(save, reference_one)
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(data, reference_two, tmp_path):
+    save, ready, log = tmp_path / "run", tmp_path / "ready", tmp_path / "job.log"
+    command = [*TORCHRUN, *RUNNER[1:], "--config", data["config"], "--save-path", str(save), *TWO]
+    job = start([*command, "--wait-at", "1", "--ready-file", str(ready)], log)
+    wait_for(ready, job, log)
+    job.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both workers
+    assert job.wait(timeout=600) != 0
+    out = log.read_text()
+    assert "rank 1: SIGTERM: stopping after the current step" in out
+    assert f"stopped by SIGTERM after iteration 2/6: {save / 'latest.pth'} holds iteration 2" in out
+    assert "FutureWarning" not in out  # DDP's broadcast_buffers deprecation
+    assert ckpt.load_training_state(str(save / "latest.pth"))["iteration"] == 2
+
+    # Only rank 1 gets a signal: rank 0 learns of it in that step's all-reduce and stops with it.
+    out = run([*command, "--signal-at", "4", "USR1", "--signal-rank", "1"], expect="fail")
+    assert "stopped by a signal to another rank after iteration 5/6" in out
+    assert "exitcode  : 75" in out
+    assert ckpt.load_training_state(str(save / "latest.pth"))["iteration"] == 5
+    run(command)
+    assert_same_run(save, reference_two)
+
+
+def test_resuming_another_methods_run_is_refused(data, reference_one, tmp_path):
+    save = tmp_path / "run"
+    shutil.copytree(reference_one, save)
+    out = run([sys.executable, "tests/run_training.py", "UCCL", "--config", data["config"],
+               "--save-path", str(save)], expect=2)  # fmt: skip
+    version = ckpt.code_version()
+    assert f"{save / 'latest.pth'} was written by UniMatch (code {version}); this is UCCL" in out
+    state = ckpt.load(str(save / "best.pth"))
+    assert (state["method_name"], state["code_version"]) == ("UniMatch", version)
+
+
+def test_eval_prints_the_writer_keeps_split_paths_and_never_writes_data(data, reference_one, tmp_path):
+    demo = data["dir"] / "demo"
+    # Two validation images of one file name in different folders.
+    for folder in ("JPEGImages", "SegmentationClass"):
+        (demo / "copy" / folder).mkdir(parents=True, exist_ok=True)
+    shutil.copy(demo / "JPEGImages" / "val_00001.jpg", demo / "copy" / "JPEGImages" / "val_00000.jpg")
+    shutil.copy(
+        demo / "SegmentationClass" / "val_00001.png", demo / "copy" / "SegmentationClass" / "val_00000.png"
+    )
+    split = tmp_path / "val.txt"
+    split.write_text("JPEGImages/val_00000.jpg SegmentationClass/val_00000.png\n"
+                     "copy/JPEGImages/val_00000.jpg copy/SegmentationClass/val_00000.png\n")  # fmt: skip
+    vis = tmp_path / "vis"
+    evaluate = [
+        sys.executable,
+        "eval.py",
+        "--config",
+        data["config"],
+        "--checkpoint",
+        str(reference_one / "best.pth"),
+    ]
+    out = run([*evaluate, "--val-id-path", str(split), "--save-vis", str(vis)])
+    assert f"written by UniMatch, code {ckpt.code_version()}" in out
+    first, second = vis / "JPEGImages" / "val_00000.png", vis / "copy" / "JPEGImages" / "val_00000.png"
+    assert first.is_file() and second.is_file() and first.read_bytes() != second.read_bytes()
+
+    # Demo parameters other than those the data was made with: an error naming both, nothing written.
+    before = {p: p.stat().st_mtime_ns for p in demo.rglob("*")}
+    out = run([*evaluate, "demo.size=48"], expect=2)
+    assert f"{demo} holds a demo dataset made with size=32; the config asks for size=48" in out
+    assert {p: p.stat().st_mtime_ns for p in demo.rglob("*")} == before
+
+
+def test_bad_data_stops_before_training_listing_the_files(tmp_path):
+    """An unreadable validation image and a 1x1 training image: exit 2 before the first step, both named."""
+    config = write_config(str(tmp_path), generate=True)
+    demo = tmp_path / "demo"
+    val_image = demo / "JPEGImages" / "val_00002.jpg"
+    val_image.write_bytes(b"not an image")
+    tiny_image, tiny_mask = labeled_files(tmp_path)[0]
+    Image.new("RGB", (1, 1)).save(tiny_image, format="JPEG")
+    Image.new("L", (1, 1)).save(tiny_mask)
+    save = tmp_path / "run"
+    out = run([*RUNNER, "--config", config, "--save-path", str(save)], expect=2)
+    assert "2 of 28 samples cannot be used (checked before training, check_data: headers)" in out
+    assert f"cannot read image {val_image}: cannot identify image file" in out
+    assert f"image {tiny_image} is 1x1, too small to train on" in out
+    assert not (save / "latest.pth").exists() and "Traceback" not in out
+
+
+# ---------------------------------------------------------------------------- in-process: inputs
+
+
+def test_data_check_levels_and_the_dataset_itself_name_bad_files(tmp_path):
+    from dataset.check import check_data
+    from dataset.semi import DataError, SemiDataset
+
+    cfg = load_config(write_config(str(tmp_path), generate=True))
+    (image, mask), (truncated, _) = labeled_files(tmp_path)[:2]
+    Image.new("RGB", (1, 5)).save(image, format="JPEG")
+    Image.new("L", (1, 5)).save(mask)
+    truncated.write_bytes(truncated.read_bytes()[:-200])  # the header is whole, the pixels are not
+    with pytest.raises(DataError, match=r"1 of 28 samples") as found:
+        check_data(cfg, need_unlabeled=True)  # headers: the truncated JPEG's header is whole
+    assert f"image {image} is 1x5" in str(found.value)
+    with pytest.raises(DataError, match=r"2 of 28 samples") as found:
+        check_data({**cfg, "check_data": "full"}, need_unlabeled=True)
+    assert f"cannot read image {truncated}" in str(found.value)
+    check_data({**cfg, "check_data": "off"}, need_unlabeled=True)
+    # Unchecked, the dataset names the file when it meets it.
+    dataset = SemiDataset(cfg["data_root"], "train_l", cfg["labeled_id_path"], cfg["nclass"], crop_size=32)
+    index = [i for i, (img, _) in enumerate(dataset.samples) if str(image).endswith(img)][0]
+    with pytest.raises(DataError, match=rf"image {image} is 1x5, too small to train on"):
+        dataset[index]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("log_interval=0", r"'log_interval' must lie in \[1, inf\], got 0"),
+        ("crop_size=3", r"'crop_size' must be at least output_stride \(16\), got 3"),
+        ("output_stride=8 crop_size=7", r"'crop_size' must be at least output_stride \(8\), got 7"),
+        ("eval_interval=-1", r"'eval_interval' must lie in \[0, inf\], got -1"),
+        ("save_interval=-1", r"'save_interval' must lie in \[0, inf\], got -1"),
+        ("momentum=-1", r"'momentum' must lie in \[0, 1\], got -1"),
+        ("weight_decay=-0.1", r"'weight_decay' must lie in \[0, inf\], got -0.1"),
+        ("momentum=.nan", r"'momentum' must be a number, got nan"),
+    ],
+)
+def test_config_values_out_of_bounds_stop_before_anything_is_created(tmp_path, capsys, override, message):
+    from util.engine import build_trainer
+
+    config = write_config(str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        load_config(config, override.split())
+    with pytest.raises(SystemExit) as stopped:
+        build_trainer(None, config, str(tmp_path / "run"), override.split())
+    assert stopped.value.code == 2 and message.split("'")[1] in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "demo").exists()
+
+
+def test_yaml_duplicate_keys_and_numbers_in_any_python_form(tmp_path):
+    config = write_config(str(tmp_path))
+    text = open(config).read()
+    lr_line = text.splitlines().index("lr: 0.01") + 1
+    (tmp_path / "twice.yaml").write_text(text + "lr: 0.02\n")
+    with pytest.raises(ConfigError, match=rf"twice.yaml: key 'lr' appears twice, at lines {lr_line} and \d+"):
+        load_config(str(tmp_path / "twice.yaml"))
+    (tmp_path / "nested.yaml").write_text(text + "uccl: {sbu_weight: 1, sbu_weight: 2}\n")
+    with pytest.raises(ConfigError, match="key 'sbu_weight' appears twice"):
+        load_config(str(tmp_path / "nested.yaml"))
+    assert load_config(config, ["lr=1e-3"])["lr"] == 0.001
+    assert load_config(config, ["lr=.5", "uccl.sbu_weight=2E-2"])["uccl"]["sbu_weight"] == 0.02
+    assert load_config(config, ["lr=.5"])["lr"] == 0.5
+    (tmp_path / "exp.yaml").write_text(text.replace("lr: 0.01", "lr: 1e-3"))
+    assert load_config(str(tmp_path / "exp.yaml"))["lr"] == 0.001
+    assert load_config(config, ["dataset=1e3x"])["dataset"] == "1e3x"  # not a number: stays a string
+
+
+def test_eval_refuses_non_positive_scales_and_names_a_checkpoint_folder(tmp_path, capsys):
+    import eval as evaluation
+
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["--config", "c", "--checkpoint", "x", "--scales", "1", "0"])
+    assert "--scales: must be > 0, got 0" in capsys.readouterr().err
+    with pytest.raises(ckpt.CheckpointError, match=rf"checkpoint {tmp_path} is a folder: name a file in it"):
+        ckpt.load(str(tmp_path))

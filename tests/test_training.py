@@ -97,7 +97,7 @@ def test_entry_scripts_train_and_eval_scores_checkpoint(tiny_config, tmp_path):
         f"mIoU {best['miou']:8.2f}".replace("  ", " ") in " ".join(out.split())
         or f"{best['miou']:.2f}" in out
     )
-    assert len(os.listdir(vis)) == 4
+    assert len(list(vis.rglob("*.png"))) == 4  # under the split's relative paths
     # Sliding window with flip also runs on the same checkpoint.
     run([sys.executable, "eval.py", "--config", tiny_config, "--checkpoint", str(save / "latest.pth"),
          "--mode", "sliding_window", "--flip", "crop_size=16"])  # fmt: skip

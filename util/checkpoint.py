@@ -6,8 +6,10 @@ CRC-32 that torch's zip format records for each part, which `torch.load` itself 
 bit in the weights is reported instead of loaded.
 """
 
+import functools
 import glob
 import os
+import subprocess
 
 import torch
 
@@ -35,6 +37,26 @@ class CheckpointError(RuntimeError):
 
 class SaveError(OSError):
     """A checkpoint could not be written (disk full, file too large, folder gone or read-only)."""
+
+
+@functools.cache
+def code_version() -> str:
+    """The git commit of this code, with '+modified' when tracked files differ from it; 'unknown' outside a
+    git checkout. Checkpoints record it, so that a result can be traced to the code that made it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit, status = (
+            subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20)
+            for args in (
+                ["rev-parse", "--short=12", "HEAD"],
+                ["status", "--porcelain", "--untracked-files=no"],
+            )
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+modified" if status.stdout.strip() else "")
 
 
 def _save(obj, f) -> None:
@@ -80,6 +102,8 @@ def _check_crc(path: str) -> None:
 
 def load(path: str) -> dict:
     """Read a checkpoint on the CPU; any failure names the file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder: name a file in it, e.g. {path}/best.pth")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:

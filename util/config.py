@@ -6,7 +6,9 @@ run before anything is written, with a message that names the key and the file.
 """
 
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,34 @@ from model.weights import pretrained_problem
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type, out of range, or names a path that does not exist."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter and closer to Python: a key given twice is an error naming it and its
+    lines (PyYAML keeps the last one silently), and `1e-3`, `5E4` are numbers (YAML 1.1 wants `1.0e-3`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: key '{key}' appears twice, at lines {seen[key]} and {line}"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(stream):
+    return yaml.load(stream, Loader=ConfigLoader)
 
 
 @dataclass(frozen=True)
@@ -83,6 +113,13 @@ SCHEMA: dict[str, Any] = {
     "seed": _k(int, 0),
     "deterministic": _k(bool, False, help="deterministic kernels (slower); bit-exact resume on the CPU"),
     "num_workers": _k(int, 2, low=0),
+    "check_data": _k(
+        str,
+        "headers",
+        choices=("headers", "full", "off"),
+        help="before training, read every labeled and val file (and a sample of unlabeled images): "
+        "headers and sizes, or full decodes and mask values",
+    ),
     "eval_interval": _k(int, 0, low=0, help="evaluate every N iterations; 0 = at the end of every epoch"),
     "save_interval": _k(int, 0, low=0, help="write latest.pth every N iterations; 0 = only at evaluations"),
     "log_interval": _k(int, 20, low=1),
@@ -232,6 +269,129 @@ SCHEMA: dict[str, Any] = {
             "UniMatch's colour-jittered strong views",
         ),
     },
+    # --- CTT (CTT.py). Defaults: every term of the method with the released code's values; `preset` and
+    # the switches below reproduce the paper's figure and the released code (docs/DIFFERENCES.md). ---
+    "ctt": {
+        "preset": _k(
+            str,
+            "default",
+            choices=("default", "paper", "released"),
+            help="terms: default = CT + HC + LC + unreliable negatives, paper = CT + HC + LC, "
+            "released = CT only (the contrastive terms are not computed)",
+        ),
+        "ct_thresh": _k(
+            float, 0.968, low=0.0, high=1.0, help="CT weight = fraction of pixels this confident (global)"
+        ),
+        "mix": _k(str, "classmix", choices=("classmix", "none"), help="none: the released DeepLabV3+ script"),
+        "teacher_mode": _k(
+            str,
+            "eval",
+            choices=("eval", "train"),
+            help="teachers' forwards in eval mode (BN statistics averaged) or train mode (released)",
+        ),
+        "ema_decay": _k(float, 0.99, low=0.0, high=1.0, help="teacher EMA: alpha_t = min(1 - 1/(t+1), this)"),
+        "pretrained_b": _k(
+            str, None, optional=True, help="backbone weights of student B (null: the same as 'pretrained')"
+        ),
+        "deploy": _k(
+            list,
+            ["teacher_a", "teacher_b"],
+            item_type=str,
+            help="networks best.pth may hold (the best-scoring one at each evaluation)",
+        ),
+        "hc_weight": _k(float, 0.1, low=0.0, help="HC weight (not in the paper's text or the release)"),
+        "lc_weight": _k(float, 0.1, low=0.0, help="LC weight (not in the paper's text or the release)"),
+        "neg_weight": _k(float, 0.1, low=0.0, help="unreliable-negatives weight (preset default only)"),
+        "hc_temperature": _k(float, 0.1, low=1e-6),
+        "lc_temperature": _k(float, 0.5, low=1e-6),
+        "neg_temperature": _k(float, 0.5, low=1e-6),
+        "contrast_thresh": _k(
+            float,
+            0.75,
+            low=0.0,
+            high=1.0,
+            help="gamma: mixed pseudo-labels this confident give HC anchors; less confident ones LC anchors",
+        ),
+        "contrast_start": _k(
+            str,
+            "filled",
+            choices=("filled", "banks_full"),
+            help="contrast with the entries banks hold so far, or only once every class of both is full",
+        ),
+        "anchors": _k(
+            int, 1024, low=1, help="anchors per term and student, drawn at random, shared among the classes"
+        ),
+        "bank_size": _k(int, 256, low=1, help="memory-bank entries per class (per network)"),
+        "bank_thresh": _k(float, 0.95, low=0.0, help="teacher confidence a labeled pixel needs for the bank"),
+        "bank_confidence": _k(
+            str, "softmax", choices=("softmax", "logit"), help="logit: the released test on raw logits"
+        ),
+        "bank_per_step": _k(
+            int, None, optional=True, low=1, help="entries per class, rank and step (null: batch_size)"
+        ),
+        "lc_pairing": _k(
+            str,
+            "same_content",
+            choices=("same_content", "same_position"),
+            help="LC pairs pixels showing the same source pixel in both students' mixed images, or the same "
+            "position whatever it shows (released)",
+        ),
+        "lc_peer_confident": _k(
+            bool, True, help="LC anchors need a peer at least gamma sure and surer than the student"
+        ),
+        "neg_queue_size": _k(int, 256, low=1, help="negative-queue entries per class (per network)"),
+        "neg_per_step": _k(int, 16, low=1, help="negatives per class, rank and step, drawn at random"),
+        "unreliable_start": _k(
+            float,
+            0.2,
+            low=0.0,
+            high=1.0,
+            help="share of highest-entropy pixels counted unreliable at the start, falling linearly to 0",
+        ),
+        "neg_skip_top": _k(int, 3, low=1, help="an unreliable pixel is no negative of its top classes"),
+    },
+    # --- CISC-R (CISCR.py): the released constants; docs/DIFFERENCES.md lists the switches ---
+    "ciscr": {
+        "mode": _k(
+            str,
+            "staged",
+            choices=("staged", "online"),
+            help="staged: the paper's six stages, one command; online: one UniMatch loop (not in the paper)",
+        ),
+        "min_class_area": _k(
+            float, 0.03, low=0.0, high=1.0, help="a class counts for an image (crop) covering this fraction"
+        ),
+        "exclude_background": _k(bool, False, help="class 0 is never the shared class (VOC)"),
+        "shared_classes": _k(int, 1, low=1, help="classes per pair that make the regions m_u, m_q"),
+        "max_recrops": _k(int, 10, low=1, help="partner crops tried for one showing a shared class"),
+        "allow_self_pair": _k(bool, False, help="a labeled image may be its own partner (released)"),
+        "consistency_weight": _k(float, 1.0, low=0.0, help="stage 1: weight of the cross-image BCE terms"),
+        "loss_denominator": _k(
+            str,
+            "valid",
+            choices=("valid", "all"),
+            help="rectified CE: mean over not-padding pixels, or over all pixels (released)",
+        ),
+        "reliable_fraction": _k(float, 0.5, above=0.0, high=1.0, help="unlabeled images retrained on first"),
+        "query_keep_fraction": _k(
+            float, 0.5, above=0.0, high=1.0, help="labeled images kept in each class's query list"
+        ),
+        "tta_scales": _k(list, [0.5, 0.75, 1.0, 1.5, 2.0], item_type=float, above=0.0, min_length=1),
+        "tta_flip": _k(bool, True, help="pseudo-labels also from the flipped image"),
+        "label_batch_size": _k(
+            int, 8, low=1, help="images per forward when pseudo-labelling and ranking (those of one size)"
+        ),
+        "teacher_checkpoint": _k(
+            str, "best", choices=("best", "latest"), help="each stage's teacher: its best-val or last weights"
+        ),
+        "stage_epochs": _k(
+            list, None, optional=True, item_type=int, length=3, low=1, help="epochs of stages 1, 4, 6"
+        ),
+        "stage_iters": _k(
+            list, None, optional=True, item_type=int, length=3, low=1, help="iterations of stages 1, 4, 6"
+        ),
+        "ema_decay": _k(float, 0.99, low=0.0, high=1.0, help="online: the EMA teacher's decay"),
+    },
 }
 
 
@@ -318,6 +478,8 @@ def _check_bounds(value, spec: Key, full: str, source: str) -> None:
     for item in items:
         if item is None or isinstance(item, (str, bool)):
             continue
+        if isinstance(item, float) and math.isnan(item):
+            raise ConfigError(f"{source}: key '{full}' must be a number, got {value!r}")
         if spec.above is not None and not item > spec.above:
             raise ConfigError(f"{source}: key '{full}' must be > {spec.above:g}, got {value!r}")
         if (spec.low is not None and item < spec.low) or (spec.high is not None and item > spec.high):
@@ -332,7 +494,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"command-line override '{text}' must look like key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw) if raw != "" else None
     except yaml.YAMLError as err:
         raise ConfigError(f"command-line override '{text}': value is not valid YAML ({err})") from err
     return key.strip().split("."), value
@@ -344,7 +506,7 @@ def load_config(path: str, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = load_yaml(f) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
@@ -367,6 +529,11 @@ def check_values(cfg: dict, source: str) -> None:
     """Relations between keys, which the schema's per-key bounds cannot express."""
     if cfg["deep_stem"] and cfg["backbone"] in ("resnet18", "resnet34"):
         raise ConfigError(f"{source}: key 'deep_stem' is only available for resnet50/resnet101")
+    if cfg["crop_size"] < cfg["output_stride"]:
+        raise ConfigError(
+            f"{source}: key 'crop_size' must be at least output_stride ({cfg['output_stride']}), got "
+            f"{cfg['crop_size']}: a smaller crop is less than one pixel of the encoder's output"
+        )
 
 
 def check_paths(cfg: dict, source: str, need_unlabeled: bool) -> None:

@@ -97,7 +97,13 @@ class SeededDataset(Dataset):
 
 
 def train_loader(
-    dataset, batch_size: int, order_seed: int, aug_seed: int, num_workers: int, pin_memory: bool
+    dataset,
+    batch_size: int,
+    order_seed: int,
+    aug_seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    worker_init=None,
 ):
     sampler = SeededSampler(len(dataset), batch_size, order_seed, aug_seed)
     loader = DataLoader(
@@ -107,11 +113,27 @@ def train_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=True,
+        worker_init_fn=worker_init,
         # Its own generator: creating an iterator draws a worker seed, which must not move the global
         # RNG (that would shift dropout masks after a resume). Samples are re-seeded anyway.
         generator=torch.Generator(),
     )
     return loader, sampler
+
+
+def validation_loader(cfg: dict, pin_memory: bool, worker_init=None) -> DataLoader:
+    """The validation images one at a time, each rank its own share (ShardSampler)."""
+    common = dict(nclass=cfg["nclass"], allow_outside_root=cfg["allow_outside_data_root"])
+    val = SemiDataset(cfg["data_root"], "val", cfg["val_id_path"], **common)
+    return DataLoader(
+        val,
+        batch_size=1,
+        sampler=ShardSampler(val),
+        num_workers=min(cfg["num_workers"], 2),
+        pin_memory=pin_memory,
+        worker_init_fn=worker_init,
+        generator=torch.Generator(),  # keeps the global RNG where training left it
+    )
 
 
 def count_lines(path: str) -> int:
@@ -126,7 +148,12 @@ class TrainingData:
     `start_batch` on, the same batches an uninterrupted run sees there.
     """
 
-    def __init__(self, cfg: dict, uses_unlabeled: bool, pin_memory: bool):
+    def __init__(
+        self, cfg: dict, uses_unlabeled: bool, pin_memory: bool, worker_init=None, wrap_unlabeled=None
+    ):
+        """`worker_init`: every loader worker's `worker_init_fn` (the engine's makes them ignore Ctrl-C).
+        `wrap_unlabeled(dataset) -> dataset`, when given, wraps the unlabeled stream's dataset (not the mix
+        stream's), e.g. to add items to each sample."""
         root, crop, bs, workers, seed = (
             cfg["data_root"], cfg["crop_size"], cfg["batch_size"], cfg["num_workers"], cfg["seed"],
         )  # fmt: skip
@@ -137,31 +164,21 @@ class TrainingData:
         labeled = SemiDataset(
             root, "train_l", cfg["labeled_id_path"], crop_size=crop, nsample=num_unlabeled, **common
         )
-        loader_l, sampler_l = train_loader(labeled, bs, seed, _mix(seed, "labeled"), workers, pin_memory)
+        loaders = dict(num_workers=workers, pin_memory=pin_memory, worker_init=worker_init)
+        loader_l, sampler_l = train_loader(labeled, bs, seed, _mix(seed, "labeled"), **loaders)
         self.loaders, self.samplers = [loader_l], [sampler_l]
         if uses_unlabeled:
             unlabeled = SemiDataset(root, "train_u", cfg["unlabeled_id_path"], crop_size=crop, **common)
             # The mix stream goes through the same images in the same order with other augmentations
             # (UniMatch as released), or through another order ('other_image').
             mix_order = seed if cfg["mix_partner"] == "same_image" else _mix(seed, "mix-order")
-            loader_u, sampler_u = train_loader(
-                unlabeled, bs, seed, _mix(seed, "unlabeled"), workers, pin_memory
-            )
-            loader_m, sampler_m = train_loader(
-                unlabeled, bs, mix_order, _mix(seed, "mix"), workers, pin_memory
-            )
+            unlabeled_stream = wrap_unlabeled(unlabeled) if wrap_unlabeled else unlabeled
+            loader_u, sampler_u = train_loader(unlabeled_stream, bs, seed, _mix(seed, "unlabeled"), **loaders)
+            loader_m, sampler_m = train_loader(unlabeled, bs, mix_order, _mix(seed, "mix"), **loaders)
             self.loaders += [loader_u, loader_m]
             self.samplers += [sampler_u, sampler_m]
         self.iters_per_epoch = min(s.batches_per_epoch for s in self.samplers)
-        val = SemiDataset(root, "val", cfg["val_id_path"], **common)
-        self.val_loader = DataLoader(
-            val,
-            batch_size=1,
-            sampler=ShardSampler(val),
-            num_workers=min(workers, 2),
-            pin_memory=pin_memory,
-            generator=torch.Generator(),  # keeps the global RNG where training left it
-        )
+        self.val_loader = validation_loader(cfg, pin_memory, worker_init)
 
     def batches(self, epoch: int, start_batch: int = 0):
         for sampler in self.samplers:

@@ -9,6 +9,7 @@ methods, in parts:
 - guard.py    the non-finite guard: a step with a NaN/Inf loss or gradient is skipped on every rank alike
 - saving.py   latest.pth / previous.pth / best.pth / evals.jsonl, atomic, resumable
 - rng.py      seeds and every rank's random states
+- stop.py     SIGTERM / SIGINT / SIGUSR1: stop after the current step, on every rank alike
 - run.py      the command line and the exit status of each fault
 - method.py   Method and Networks
 """
@@ -18,6 +19,7 @@ from util.engine.method import Method, Networks
 from util.engine.run import (
     EXIT_BAD_INPUT,
     EXIT_NONFINITE,
+    EXIT_REQUEUE,
     EXIT_SAVE_FAILED,
     build_trainer,
     main,
@@ -30,6 +32,7 @@ __all__ = [
     "AMP_DTYPES",
     "EXIT_BAD_INPUT",
     "EXIT_NONFINITE",
+    "EXIT_REQUEUE",
     "EXIT_SAVE_FAILED",
     "Method",
     "Networks",

@@ -3,6 +3,8 @@
 Before each step it keeps a copy of every network's buffers (BatchNorm running statistics) and of the
 method's state; a skipped step puts both back and leaves weights and optimizer state untouched. Checking
 costs one fused norm over the gradients and one all-reduce of a few flags, read in the step's one host sync.
+The same all-reduce carries each rank's request to stop (a signal, util.engine.stop), so that the ranks agree
+on stopping at no extra cost.
 """
 
 import logging
@@ -47,8 +49,8 @@ class NonFiniteGuard:
         # What the method carries may change inside its step: keep a copy to put back on a skip.
         self.method_backup = clone_tensors(method_state)
 
-    def flags(self, values: torch.Tensor) -> torch.Tensor:
-        """(world_size, 1 + len(values)) 0/1 flags: gradients, then each loss value, for every rank.
+    def flags(self, values: torch.Tensor, stop_requested: bool = False) -> torch.Tensor:
+        """(world_size, 2 + len(values)) 0/1 flags: gradients, each loss value, a stop request, per rank.
 
         The L2 norms of all gradients in one fused kernel (NaN and Inf make them non-finite; so does a
         norm beyond float32's range, which gradients_nonfinite then tells apart), and one all_reduce
@@ -59,7 +61,8 @@ class NonFiniteGuard:
         if grads:
             norms = torch.stack(torch._foreach_norm(grads, 2))
             grad_bad = (~torch.isfinite(norms)).any().float()
-        own = torch.cat((grad_bad.reshape(1), (~torch.isfinite(values)).float()))
+        stop = torch.full((1,), float(stop_requested), device=values.device)
+        own = torch.cat((grad_bad.reshape(1), (~torch.isfinite(values)).float(), stop))
         flags = torch.zeros(self.world_size, own.numel(), device=values.device)
         flags[self.rank] = own
         if is_dist():
@@ -75,10 +78,11 @@ class NonFiniteGuard:
         """
         return any(not torch.isfinite(p.grad).all() for p in self.params if p.grad is not None)
 
-    def verdict(self, names: list[str], flags: list[float]) -> tuple[bool, dict]:
-        """(gradients non-finite, {term: ranks where it is non-finite}) from the flags as numbers."""
+    def verdict(self, names: list[str], flags: list[float]) -> tuple[bool, dict, bool]:
+        """(gradients non-finite, {term: ranks where it is non-finite}, some rank asked to stop) from the
+        flags as numbers."""
         width = len(names)
-        rows = [flags[r * (width + 1) : (r + 1) * (width + 1)] for r in range(self.world_size)]
+        rows = [flags[r * (width + 2) : (r + 1) * (width + 2)] for r in range(self.world_size)]
         grad_bad = any(row[0] for row in rows) and self.gradients_nonfinite()
         bad_terms = {
             names[j]: [r for r, row in enumerate(rows) if row[1 + j]]
@@ -87,7 +91,7 @@ class NonFiniteGuard:
         }
         if len(bad_terms) > 1:  # the sum is non-finite because a term is: name the term
             bad_terms.pop("total", None)
-        return grad_bad, bad_terms
+        return grad_bad, bad_terms, any(row[-1] for row in rows)
 
     def passed(self) -> None:
         self.streak = 0

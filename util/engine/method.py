@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from model import build_model
+from util.data import TrainingData
 
 
 @dataclass
@@ -82,6 +83,13 @@ class Method:
         return [
             {"params": [p for p in module.parameters() if p.requires_grad], "lr_scale": self.cfg["lr_multi"]}
         ]
+
+    def training_data(self, pin_memory: bool, save_path: str | None, worker_init=None):
+        """The training streams and the validation loader: an object with `batches(epoch, start_batch)`,
+        `iters_per_epoch` and `val_loader`, as util.data.TrainingData (the default). A method whose batches
+        hold more than UniMatch's streams builds its own; `save_path` is where it may cache what it
+        derives from the data (None in benchmarks); `worker_init` goes to every loader worker."""
+        return TrainingData(self.cfg, self.uses_unlabeled, pin_memory, worker_init)
 
     def deploy_state(self, name: str, module: nn.Module) -> dict:
         """The weights best.pth holds for network `name`: a state dict that `eval.py` loads into the

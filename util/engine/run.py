@@ -1,7 +1,8 @@
 """Entry point of every method script: arguments, config, the Trainer, and an exit status for each fault.
 
 Exit statuses (README, "Fault tolerance"): 2 a config, data file or checkpoint that cannot be used (named
-in the message); 3 too many non-finite steps in a row; 4 the final checkpoint could not be written. Any other
+in the message); 3 too many non-finite steps in a row; 4 the final checkpoint could not be written; 75 stopped
+by a signal with latest.pth written: run the same command again (a scheduler may requeue the job). Any other
 exception is a bug and keeps its traceback.
 """
 
@@ -14,6 +15,7 @@ from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup
 from util.engine.guard import NonFiniteError
+from util.engine.stop import StopRequested, end_workers
 from util.engine.trainer import Trainer
 
 logger = logging.getLogger("semiseg")
@@ -21,6 +23,10 @@ logger = logging.getLogger("semiseg")
 EXIT_BAD_INPUT = 2  # config, data file or checkpoint: fix the input; nothing to resume would help
 EXIT_NONFINITE = 3  # a run of non-finite steps; latest.pth holds the last good state
 EXIT_SAVE_FAILED = 4  # the final checkpoint could not be written; latest.pth holds the last good one
+# Stopped by SIGTERM/SIGINT/SIGUSR1 with latest.pth written: "requeue me". 75 is EX_TEMPFAIL of sysexits.h
+# ("temporary failure; the user is invited to retry"), and what SLURM's RequeueExit or a Kubernetes
+# podFailurePolicy can be told to retry.
+EXIT_REQUEUE = 75
 
 
 def parse_args(argv=None, description: str = ""):
@@ -48,6 +54,11 @@ def run(trainer: "Trainer") -> float:
     """trainer.fit(), turning the faults it reports into a message and an exit status (see above)."""
     try:
         return trainer.fit()
+    except StopRequested as err:
+        if trainer.dist.is_main:  # every rank stopped at the same iteration: one message
+            logger.warning(str(err))
+        cleanup()
+        sys.exit(EXIT_REQUEUE)
     except (ConfigError, ckpt.CheckpointError, DataError, NonFiniteError, ckpt.SaveError) as err:
         if isinstance(err, NonFiniteError):
             code = EXIT_NONFINITE
@@ -63,6 +74,7 @@ def run(trainer: "Trainer") -> float:
         sys.exit(code)
     finally:
         cleanup()
+        end_workers()
 
 
 def _message(err: Exception) -> str:

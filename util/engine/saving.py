@@ -2,11 +2,15 @@
 
 Rank 0 writes; every write is atomic (util.files). A write that fails (disk full, file too large, folder
 gone) is logged and retried at the next save, and the run ends with a SaveError if the last one failed.
+One run at a time per save path: rank 0 holds a lock on save_path/.lock (lock_save_path).
 """
 
+import fcntl
 import json
 import logging
 import os
+import socket
+import time
 
 import yaml
 
@@ -100,12 +104,24 @@ class Saver:
             logger.warning(f"{latest} is missing (a save was interrupted); resuming from {path}")
         return path, state if state is not None else ckpt.load_training_state(path)
 
-    def write_config(self, cfg: dict) -> None:
+    def write_config(self, cfg: dict, iteration: int) -> None:
+        """config.yaml; a resumed run whose config differs keeps the old one as config.<iteration>.yaml
+        (the config that ran up to that iteration), so the record of what ran is never lost."""
         if not self.is_main or self.save_path is None:
             return
         path = self.path("config.yaml")
+        text = yaml.safe_dump(cfg, sort_keys=False)
         try:
-            write_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
+            if os.path.isfile(path):
+                with open(path) as f:
+                    old = f.read()
+                if yaml.safe_load(old) != yaml.safe_load(text):
+                    kept = free_name(self.path(f"config.{iteration}.yaml"))
+                    write_atomic(kept, old)
+                    logger.warning(
+                        f"the config changed: the one used before iteration {iteration} is kept as {kept}"
+                    )
+            write_atomic(path, text)
         except OSError as err:
             raise ConfigError(f"cannot write {path}: {err.strerror or err}") from err
 
@@ -133,3 +149,35 @@ def free_name(path: str) -> str:
         n += 1
         candidate = f"{path}.{n}"
     return candidate
+
+
+def lock_save_path(save_path: str):
+    """An exclusive advisory lock (flock) on save_path/.lock, held as long as the returned file is open.
+
+    The kernel releases it when the process ends, however it ends, so a crashed run never blocks a restart.
+    A second run on the same save path stops at once with a ConfigError naming the holder's host and PID.
+    Where the filesystem has no flock (some NFS or Lustre mounts) this warns and returns None.
+    """
+    path = os.path.join(save_path, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise ConfigError(
+            f"save path {save_path} is in use by another run ({holder}); wait for it to end, stop it, or "
+            "choose another --save-path"
+        ) from None
+    except OSError as err:
+        f.close()
+        logger.warning(
+            f"cannot lock {path} ({err.strerror or err}): two runs on this save path are not prevented"
+        )
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()}, PID {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f

@@ -1,6 +1,7 @@
 """The training loop, written once: the method's networks wrapped and optimised, its step taken, guarded,
 logged, evaluated and checkpointed."""
 
+import inspect
 import logging
 import os
 import sys
@@ -9,21 +10,31 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dataset.check import check_data
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths
-from util.data import TrainingData
 from util.dist import barrier, broadcast_object, init_distributed, is_dist
 from util.engine.guard import NonFiniteError, NonFiniteGuard
 from util.engine.logbook import Logbook
 from util.engine.method import Method
 from util.engine.rng import rng_state, seed_everything, set_rng_state
-from util.engine.saving import Saver
+from util.engine.saving import Saver, lock_save_path
+from util.engine.stop import GracefulStop, StopRequested, ignore_stop_signals
 from util.losses import build_labeled_criterion
 from util.metrics import evaluate
 
 logger = logging.getLogger("semiseg")
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# DDP must not broadcast buffers at every forward: each CPU rank keeps its own BatchNorm statistics, which the
+# engine averages before evaluating and saving. Newer torch names the switch forward_sync_buffers (it still
+# copies rank 0's buffers once at the start, the same on every rank there) and warns about the old name.
+NO_BUFFER_BROADCAST = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float) -> float:
@@ -69,12 +80,13 @@ def prepare_save_path(save_path: str) -> None:
         raise ConfigError(f"cannot write to save path {save_path}: {err.strerror or err}") from err
 
 
-def prepare_demo_data(cfg: dict) -> None:
-    """The demo dataset is generated on first use (by rank 0, while the others wait)."""
+def prepare_demo_data(cfg: dict, generate: bool = True) -> None:
+    """The demo dataset is generated on first use (by rank 0, while the others wait); one made with other
+    parameters is an error, never overwritten. `generate=False` only checks it (eval.py writes no data)."""
     if cfg["dataset"] == "demo":
         from dataset.demo import ensure_demo
 
-        ensure_demo(cfg["data_root"], **cfg["demo"])
+        ensure_demo(cfg["data_root"], generate, **cfg["demo"])
 
 
 def batchnorm_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -108,7 +120,9 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg["amp"]]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
 
-        self.data = TrainingData(cfg, method_cls.uses_unlabeled, pin_memory=self.device.type == "cuda")
+        self.data = self.method.training_data(
+            pin_memory=self.device.type == "cuda", save_path=save_path, worker_init=ignore_stop_signals
+        )
         self.iters_per_epoch = self.data.iters_per_epoch
         self.total_iters = cfg["max_iters"] or cfg["epochs"] * self.iters_per_epoch
         self.method.total_iters = self.total_iters
@@ -127,22 +141,26 @@ class Trainer:
         )
         self.saver = Saver(save_path, self.dist.is_main)
         self.logbook = Logbook(cfg, self.saver, self.dist.is_main)
+        self.stop = GracefulStop(f"rank {self.dist.rank}: " if self.dist.distributed else "")
 
     def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
-        # Rank 0 prepares the output folder and the demo data; every rank stops on its error, or the
-        # others would wait forever at the next collective.
-        error = None
+        # Rank 0 prepares (and locks) the output folder and the demo data and checks the data; every rank
+        # stops on its error, or the others would wait forever at the next collective.
+        error, self.lock = None, None
         if self.dist.is_main:
             try:
                 if self.save_path is not None:
                     prepare_save_path(self.save_path)
+                    self.lock = lock_save_path(self.save_path)  # held until this process ends
                 prepare_demo_data(self.cfg)
+                check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
+                check_data(self.cfg, uses_unlabeled)  # every file training reads, before training
             except (ConfigError, OSError, ValueError) as err:
                 error = str(err)
         error = broadcast_object(error)
         if error:
             raise ConfigError(error)
-        check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
+        check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)  # every rank: its own filesystem
 
     def _wrap_networks(self) -> None:
         """Move every network to the device; DDP (and SyncBN on CUDA) around the trained ones; no gradient
@@ -160,7 +178,7 @@ class Trainer:
         if self.dist.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             for name, net in nets.trained.items():
-                wrapped[name] = DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+                wrapped[name] = DistributedDataParallel(net, device_ids=device_ids, **NO_BUFFER_BROADCAST)
         self.trained_wrapped = [wrapped[name] for name in nets.trained]
         self.method.attach(wrapped, nets.all)
 
@@ -193,18 +211,18 @@ class Trainer:
         self.histograms = {k: v for k, v in stats.items() if v.numel() > 1}
         stats = {k: v for k, v in stats.items() if v.numel() == 1}
         stat_values = list(stats.values())
-        flags = self.guard.flags(values)
+        flags = self.guard.flags(values, stop_requested=self.stop.requested)
         numbers = torch.cat(
             (values, *[s.reshape(1) for s in stat_values], flags.flatten())
         ).tolist()  # the one sync
         width = len(names)
-        self._finish_step(names, numbers[width + len(stats) :])
+        grad_bad, bad_terms, self.stop.agreed = self.guard.verdict(names, numbers[width + len(stats) :])
+        self._finish_step(grad_bad, bad_terms)
         terms = dict(zip(names[:-1], numbers[: width - 1]))
         return numbers[width - 1], terms, dict(zip(stats, numbers[width : width + len(stats)]))
 
-    def _finish_step(self, names: list[str], flags: list[float]) -> None:
+    def _finish_step(self, grad_bad: bool, bad_terms: dict) -> None:
         """Take the optimizer step, or skip it when a loss term or a gradient is non-finite on any rank."""
-        grad_bad, bad_terms = self.guard.verdict(names, flags)
         if not grad_bad and not bad_terms:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -227,12 +245,19 @@ class Trainer:
         Parameters stay identical under DDP, but each rank's running mean/var follow its own batches;
         averaging them before evaluating or saving keeps every rank's networks the same.
         """
-        if not is_dist() or self.device.type == "cuda":
+        if not self.ranks_own_batchnorm:
             return
-        for net in self.networks.all.values():
-            for buf in batchnorm_buffers(net):
-                torch.distributed.all_reduce(buf)
-                buf.div_(self.dist.world_size)
+        for buf in self.batchnorm_buffers():
+            torch.distributed.all_reduce(buf)
+            buf.div_(self.dist.world_size)
+
+    @property
+    def ranks_own_batchnorm(self) -> bool:
+        """Whether each rank has BatchNorm statistics of its own (several processes without SyncBN)."""
+        return is_dist() and self.device.type != "cuda"
+
+    def batchnorm_buffers(self) -> list[torch.Tensor]:
+        return [buf for net in self.networks.all.values() for buf in batchnorm_buffers(net)]
 
     def evaluate(self, pictures: dict | None = None) -> dict[str, dict]:
         """{network name: evaluation result} for every network the method evaluates; each network is left
@@ -276,6 +301,8 @@ class Trainer:
             best = {
                 "model": weights,
                 "network": deployed,
+                "method_name": type(self.method).__name__,
+                "code_version": ckpt.code_version(),
                 "cfg": self.cfg,
                 "iteration": self.iteration,
                 "miou": miou,
@@ -295,6 +322,7 @@ class Trainer:
             "networks": {name: net.state_dict() for name, net in self.networks.all.items()},
             "model": self.method.deploy_state(deploy, self.networks.all[deploy]),  # for eval.py
             "method_name": type(self.method).__name__,
+            "code_version": ckpt.code_version(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
@@ -304,17 +332,18 @@ class Trainer:
             "nonfinite_steps": self.guard.steps,
             "scaler_skips": self.scaler_skips,
             "world_size": self.dist.world_size,
-            "rng": self._gather_rng(),
+            "rng": self._gather(rng_state()),
             "cfg": self.cfg,
         }
 
-    def _gather_rng(self) -> list:
-        states = [None] * self.dist.world_size
+    def _gather(self, obj) -> list:
+        """`obj` from every rank, in rank order (a collective)."""
+        objects = [None] * self.dist.world_size
         if is_dist():
-            torch.distributed.all_gather_object(states, rng_state())
+            torch.distributed.all_gather_object(objects, obj)
         else:
-            states[0] = rng_state()
-        return states
+            objects[0] = obj
+        return objects
 
     def _save_latest(self, state: dict | None = None) -> None:
         """latest.pth; not during a run of skipped steps, so that latest.pth keeps the state from before the
@@ -333,6 +362,13 @@ class Trainer:
         path, state = self.saver.find_resumable()
         if path is None:
             return False
+        ours = type(self.method).__name__
+        theirs = state.get("method_name", ours)  # checkpoints from before it was recorded: not known
+        if theirs != ours:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {theirs} (code {state.get('code_version', 'unknown')}); this is "
+                f"{ours}. Resume it with {theirs}'s script, or give {ours} another --save-path"
+            )
         try:
             self.load_state_dict(state)
         except ckpt.CheckpointError:
@@ -361,12 +397,18 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         if state["world_size"] == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
+            own = state.get("batchnorm_per_rank")  # written by a stop on a signal (_own_batchnorm_state)
+            for buf, value in zip(self.batchnorm_buffers(), own[self.dist.rank] if own else ()):
+                buf.copy_(value)
         self.iteration = state["iteration"]
         self.best_miou, self.best_iteration = state["best_miou"], state["best_iteration"]
         self.guard.steps = state.get("nonfinite_steps", 0)
         self.scaler_skips = state.get("scaler_skips", 0)
 
     def _warn_about_differences(self, state: dict, path: str) -> None:
+        version, ours = state.get("code_version", "unknown"), ckpt.code_version()
+        if version != ours:
+            logger.warning(f"{path} was written by code {version}; this is code {ours}")
         if state["world_size"] != self.dist.world_size:
             logger.warning(
                 f"{path} was written by {state['world_size']} process(es), this run has "
@@ -401,23 +443,47 @@ class Trainer:
             self._save_latest()
 
     def fit(self) -> float:
+        """Train to the end (from latest.pth when there is one); on a stop signal, write latest.pth at the
+        iteration every rank stopped at and raise StopRequested."""
         from tqdm import tqdm
 
-        self.resume()
-        self.start_iteration = self.iteration
-        self.saver.write_config(self.cfg)
-        self.logbook.open(self.save_path, self.iteration)
+        self.stop.install()  # from here on a signal stops after the current step
+        try:
+            self.resume()
+            self.start_iteration = self.iteration
+            self.saver.write_config(self.cfg, self.iteration)
+            self.logbook.open(self.save_path, self.iteration)
+            logger.info(
+                f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per "
+                f"epoch, {self.dist.world_size} process(es) on {self.device}"
+            )
+            bar = tqdm(
+                total=self.total_iters,
+                initial=self.iteration,
+                disable=not self.dist.is_main,
+                dynamic_ncols=True,
+            )
+            start = time.time()
+            self._train(bar)
+            bar.close()
+            if self.iteration < self.total_iters:
+                self._stop_on_signal()
+        finally:
+            self.stop.restore()
+            self.logbook.close()
         logger.info(
-            f"{type(self.method).__name__}: {self.total_iters} iterations, {self.iters_per_epoch} per epoch, "
-            f"{self.dist.world_size} process(es) on {self.device}"
+            f"done in {time.time() - start:.0f}s: best val mIoU {self.best_miou:.2f} at iteration "
+            f"{self.best_iteration}"
+            + (f"; {self.guard.steps} non-finite step(s) skipped" if self.guard.steps else "")
         )
-        bar = tqdm(
-            total=self.total_iters, initial=self.iteration, disable=not self.dist.is_main, dynamic_ncols=True
-        )
+        self.saver.check_final()
+        return self.best_miou
+
+    def _train(self, bar) -> None:
+        """Steps until the last iteration, or until the ranks agree to stop on a signal."""
         for net in self.trained_wrapped:
             net.train()
-        start = time.time()
-        while self.iteration < self.total_iters:
+        while self.iteration < self.total_iters and not self.stop.agreed:
             epoch, start_batch = divmod(self.iteration, self.iters_per_epoch)
             for batch in self.batches(epoch, start_batch):
                 # A skipped (non-finite) step still consumes its batch and advances the iteration, so
@@ -428,14 +494,27 @@ class Trainer:
                 self.iteration += 1
                 bar.update(1)
                 self._after_step(loss, terms, stats, bar)
-                if self.iteration >= self.total_iters:
+                if self.iteration >= self.total_iters or self.stop.agreed:
                     break
-        bar.close()
-        logger.info(
-            f"done in {time.time() - start:.0f}s: best val mIoU {self.best_miou:.2f} at iteration "
-            f"{self.best_iteration}"
-            + (f"; {self.guard.steps} non-finite step(s) skipped" if self.guard.steps else "")
+
+    def _own_batchnorm_state(self) -> dict:
+        """Each rank's own BatchNorm statistics, for a save the uninterrupted run would not make: state_dict
+        averages them over the ranks, which the run would otherwise only do at its next evaluation or save;
+        a resume puts each rank's own back (load_state_dict)."""
+        if not self.ranks_own_batchnorm:
+            return {}
+        own = self._gather([buf.clone() for buf in self.batchnorm_buffers()])
+        return {"batchnorm_per_rank": own}
+
+    def _stop_on_signal(self) -> None:
+        """Every rank agreed to stop after this step: latest.pth (unless this iteration's is written)."""
+        if self.saver.saved_iteration != self.iteration:
+            state = self._own_batchnorm_state()
+            self._save_latest({**self.state_dict(), **state})
+        barrier()
+        latest, saved = self.saver.path("latest.pth"), self.saver.saved_iteration
+        kept = f"{latest} holds iteration {saved}" if latest and saved is not None else "nothing was saved"
+        raise StopRequested(
+            f"stopped by {self.stop.describe()} after iteration {self.iteration}/{self.total_iters}: {kept}; "
+            "run the same command to continue"
         )
-        self.logbook.close()
-        self.saver.check_final()
-        return self.best_miou

@@ -1,0 +1,351 @@
+"""CTT (Xiao et al., "Semi-Supervised Semantic Segmentation with Cross Teacher Training", Neurocomputing
+2022): two students, each with an EMA teacher; each student learns from the OTHER student's teacher.
+
+    torchrun --nproc_per_node=4 CTT.py --config configs/pascal.yaml \
+        --labeled-id-path splits/pascal/366/labeled.txt --unlabeled-id-path splits/pascal/366/unlabeled.txt \
+        --save-path runs/ctt_366
+
+One step, for student S_A (S_B the same with A and B swapped):
+    1. teacher T_B labels the weak unlabeled view; ClassMix pastes half of each image's predicted classes
+       onto the next image, in the strong view and in T_B's pseudo-label alike
+    2. S_A sees the labeled batch and its mixed view
+    3. L_A = CE(labeled) + w CE(mixed view, T_B's mixed pseudo-label)      w = fraction of confident pixels
+             + HC: S_A's features against memory bank A (T_A's features of confidently-correct labeled pixels)
+             + LC: S_A's unsure pixels against S_B's features of the same content
+             + unreliable T_A pixels as negatives of the classes they rank lowest (a queue per class)
+    4. after the optimizer step: T_A <- EMA(S_A), then bank A and queue A take T_A's new candidates
+`ctt.preset` picks the terms (docs/DIFFERENCES.md): default = all, paper = CT + HC + LC, released = CT.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from model import build_model
+from model.weights import pretrained_problem
+from unimatch import sample_to_grid
+from util.config import ConfigError
+from util.dist import all_reduce_sum, get_world_size
+from util.ema import ema_teacher
+from util.engine import AMP_DTYPES, Method, Networks, main
+from util.losses import IGNORE
+from util.losses.ctt import (
+    ClassQueue,
+    bank_candidates,
+    classmix,
+    classmix_mask,
+    confident_counts,
+    ct_loss,
+    gather_from_ranks,
+    hc_loss,
+    lc_loss,
+    negative_candidates,
+    negative_queue_loss,
+    of_class,
+    per_class_sample,
+    round_robin,
+    unreliable_fraction,
+    unreliable_mask,
+)
+from util.losses.mlcl import pixels
+
+NETWORKS = ("student_a", "student_b", "teacher_a", "teacher_b")
+
+
+@dataclass
+class TeacherView:
+    """A teacher's prediction of the weak unlabeled view (no gradient)."""
+
+    prob: torch.Tensor  # (B, K, H, W) softmax
+    feature: torch.Tensor | None = None  # (B, D, h, w) decoder feature, for the negative queue
+    logits_low: torch.Tensor | None = None  # (B, K, h, w)
+
+
+@dataclass
+class MixedView:
+    """One student's ClassMixed strong view and the cross teacher's targets, mixed the same way."""
+
+    image: torch.Tensor  # (B, 3, H, W)
+    pseudo_label: torch.Tensor  # (B, H, W) argmax of the mixed teacher softmax
+    confidence: torch.Tensor  # (B, H, W) its maximum
+    valid: torch.Tensor  # (B, H, W) bool, not crop padding
+    paste: torch.Tensor  # (B, H, W) bool: the image's own pixels (elsewhere: the next image's)
+
+
+@dataclass
+class StudentOutput:
+    logits_x: torch.Tensor  # (B, K, H, W) labeled batch
+    logits_u: torch.Tensor  # (B, K, H, W) mixed view
+    feature_x: torch.Tensor | None = None  # (B, D, h, w) decoder features, when a contrast term runs
+    feature_u: torch.Tensor | None = None
+    logits_low_u: torch.Tensor | None = None  # (B, K, h, w)
+
+
+@dataclass
+class Pending:
+    """What after_optimizer_step feeds the banks and queues from."""
+
+    img_x: torch.Tensor
+    mask_x: torch.Tensor
+    teachers: dict  # name -> TeacherView of the weak view (for the negative queues)
+    valid_u: torch.Tensor
+    unreliable: float  # share of unreliable pixels at this step
+
+
+class CTT(Method):
+    """CTT: cross teacher training with high- and low-level contrast and unreliable pixels as negatives."""
+
+    def __init__(self, cfg: dict, criterion_l, device: torch.device):
+        super().__init__(cfg, criterion_l, device)
+        c = self.ccfg = cfg["ctt"]
+        self.nclass = cfg["nclass"]
+        self.contrast = c["preset"] != "released"  # HC and LC (paper and default)
+        self.negatives = c["preset"] == "default"
+        for name in c["deploy"]:
+            if name not in NETWORKS:
+                raise ConfigError(f"key 'ctt.deploy' names {name!r}; choose from {list(NETWORKS)}")
+        if not c["deploy"]:
+            raise ConfigError("key 'ctt.deploy' must name at least one network")
+        problem = pretrained_problem(c["pretrained_b"], cfg["backbone"], cfg["deep_stem"])
+        if problem:
+            raise ConfigError(f"key 'ctt.pretrained_b': {problem}")
+        self.bank_per_step = c["bank_per_step"] or cfg["batch_size"]
+        world = get_world_size()
+        for per_step, size, keys in (
+            (self.bank_per_step, c["bank_size"], "'ctt.bank_per_step' (or batch_size) and 'ctt.bank_size'"),
+            (c["neg_per_step"], c["neg_queue_size"], "'ctt.neg_per_step' and 'ctt.neg_queue_size'"),
+        ):
+            if per_step * world > size:
+                raise ConfigError(
+                    f"keys {keys}: {world} process(es) x {per_step} new entries per class and step do not "
+                    f"fit in a queue of {size}"
+                )
+        dim = cfg["head_channels"]
+        self.banks = {n: ClassQueue.empty(self.nclass, c["bank_size"], dim, device) for n in "ab"}
+        self.queues = {n: ClassQueue.empty(self.nclass, c["neg_queue_size"], dim, device) for n in "ab"}
+        self.pending = None
+
+    def networks(self) -> Networks:
+        c = self.ccfg
+        # Built from the run's seed on every rank alike (teachers included); student B's head (and its
+        # backbone, without pretrained weights) comes from later draws of the same stream than A's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg["seed"])
+            student_a = build_model(self.cfg)
+            student_b = build_model({**self.cfg, "pretrained": c["pretrained_b"] or self.cfg["pretrained"]})
+        buffers = "own" if c["teacher_mode"] == "train" else "ema"
+        return Networks(
+            trained={"student_a": student_a, "student_b": student_b},
+            frozen={
+                "teacher_a": ema_teacher(student_a, c["ema_decay"], buffers),
+                "teacher_b": ema_teacher(student_b, c["ema_decay"], buffers),
+            },
+            evaluate=NETWORKS,
+            deploy=tuple(c["deploy"]),
+        )
+
+    # --------------------------------------------------------------------------------------- the step
+    def step(self, batch: dict) -> tuple[dict, dict]:
+        img_x, mask_x = batch["labeled"]
+        img_u_w, img_u_s1, img_u_s2, ignore_mask, _, _ = batch["unlabeled"]
+        valid_u = ignore_mask != IGNORE
+
+        # 1. Each teacher labels the weak view; ClassMix mixes each student's strong view by the OTHER
+        #    teacher's pseudo-label (S_A sees strong view 1, S_B strong view 2).
+        teacher_a, teacher_b = self.teach(self.teacher_a, img_u_w), self.teach(self.teacher_b, img_u_w)
+        view_a = self.mixed_view(img_u_s1, valid_u, teacher_b)
+        view_b = self.mixed_view(img_u_s2, valid_u, teacher_a)
+
+        # 2. Each student on the labeled batch and its own mixed view.
+        student_a = self.learn(self.student_a, img_x, view_a.image)
+        student_b = self.learn(self.student_b, img_x, view_b.image)
+
+        # 3. Supervised + cross-teacher terms; the CT weight is the confident share of every rank's pixels.
+        thresh = self.ccfg["ct_thresh"]
+        counts = all_reduce_sum(
+            torch.stack([confident_counts(v.confidence, v.valid, thresh) for v in (view_a, view_b)])
+        )
+        losses = {
+            "sup_a": self.criterion_l(student_a.logits_x, mask_x),
+            "ct_a": ct_loss(student_a.logits_u, view_a.pseudo_label, view_a.valid, counts[0]),
+            "sup_b": self.criterion_l(student_b.logits_x, mask_x),
+            "ct_b": ct_loss(student_b.logits_u, view_b.pseudo_label, view_b.valid, counts[1]),
+        }
+        stats = {"ct_weight_a": counts[0, 0] / counts[0, 1].clamp(min=1),
+                 "ct_weight_b": counts[1, 0] / counts[1, 1].clamp(min=1)}  # fmt: skip
+        if self.contrast:
+            losses.update(self.contrast_losses(mask_x, view_a, view_b, student_a, student_b))
+            stats["bank_filled"] = torch.stack(
+                [b.filled().float().mean() for b in self.banks.values()]
+            ).mean()
+            fraction = unreliable_fraction(self.ccfg["unreliable_start"], self.iteration, self.total_iters)
+            teachers = {"a": teacher_a, "b": teacher_b}
+            self.pending = Pending(img_x, mask_x, teachers, valid_u, fraction)
+        return losses, stats
+
+    @torch.no_grad()
+    def teach(self, teacher, image: torch.Tensor) -> TeacherView:
+        teacher.train(self.ccfg["teacher_mode"] == "train")
+        if not self.negatives:
+            return TeacherView(teacher(image).float().softmax(dim=1))
+        out = teacher(image, features=True)
+        return TeacherView(out.logits.float().softmax(dim=1), out.decoder, out.logits_low)
+
+    def mixed_view(self, image: torch.Tensor, valid: torch.Tensor, teacher: TeacherView) -> MixedView:
+        """Mixing the teacher's pseudo-label and confidence equals taking them from its mixed softmax."""
+        confidence, pseudo_label = teacher.prob.max(dim=1)
+        if self.ccfg["mix"] == "classmix":
+            uniform = torch.rand(image.shape[0], self.nclass, device=image.device)
+            paste = classmix_mask(pseudo_label, valid, uniform)
+        else:
+            paste = torch.ones_like(valid)
+        return MixedView(
+            classmix(image, paste),
+            classmix(pseudo_label, paste),
+            classmix(confidence, paste),
+            classmix(valid, paste),
+            paste,
+        )
+
+    def learn(self, student, img_x: torch.Tensor, img_u: torch.Tensor) -> StudentOutput:
+        num_x = img_x.shape[0]
+        if not self.contrast:
+            logits_x, logits_u = student(torch.cat((img_x, img_u))).split([num_x, img_u.shape[0]])
+            return StudentOutput(logits_x, logits_u)
+        x, u = student(torch.cat((img_x, img_u)), features=True).split([num_x, img_u.shape[0]])
+        return StudentOutput(x.logits, u.logits, x.decoder, u.decoder, u.logits_low)
+
+    # ------------------------------------------------------------------------------ contrastive terms
+    def contrast_losses(self, mask_x, view_a, view_b, student_a, student_b) -> dict:
+        c = self.ccfg
+        weights = {"hc": c["hc_weight"], "lc": c["lc_weight"], "neg": c["neg_weight"]}
+        if c["contrast_start"] == "banks_full":  # the release waits until every class of both banks is full
+            full = torch.stack([b.count.min() for b in self.banks.values()]).min() >= c["bank_size"]
+            weights = {k: w * full for k, w in weights.items()}
+        both_banks = torch.cat([self.banks["a"].features, self.banks["b"].features], dim=1)  # (K, 2N, D)
+        both_filled = torch.cat([self.banks["a"].filled(), self.banks["b"].filled()], dim=1)
+        losses = {}
+        for name, view, own, peer_view, peer in (
+            ("a", view_a, student_a, view_b, student_b),
+            ("b", view_b, student_b, view_a, student_a),
+        ):
+            bank, queue = self.banks[name], self.queues[name]
+            anchors, label, chosen = self.hc_anchors(mask_x, view, own)
+            losses[f"hc_{name}"] = weights["hc"] * hc_loss(
+                anchors, label, chosen, bank.features, bank.filled(), c["hc_temperature"]
+            )
+            if self.negatives:
+                losses[f"neg_{name}"] = weights["neg"] * negative_queue_loss(
+                    anchors, label, chosen, bank.features, bank.filled(), queue.features, queue.filled(),
+                    c["neg_temperature"],
+                )  # fmt: skip
+            anchors, peers, label, chosen = self.lc_anchors(view, own, peer_view, peer)
+            losses[f"lc_{name}"] = weights["lc"] * lc_loss(
+                anchors, label, chosen, peers, both_banks, both_filled, c["lc_temperature"]
+            )
+        return losses
+
+    def hc_anchors(self, mask_x, view: MixedView, student: StudentOutput):
+        """A random sample of the student's labeled pixels (ground truth) and of its mixed pixels whose
+        pseudo-label is at least gamma confident: features (M, D), label (M,), chosen (M,)."""
+        grid = tuple(student.feature_u.shape[-2:])
+        label_x = sample_to_grid(mask_x, grid).flatten()
+        label_u = sample_to_grid(view.pseudo_label, grid).flatten()
+        valid = sample_to_grid(view.valid, grid)
+        confident = valid & (sample_to_grid(view.confidence, grid) >= self.ccfg["contrast_thresh"])
+        labels = torch.cat([label_x, label_u])
+        candidate = torch.cat([label_x != IGNORE, confident.flatten()])
+        features = torch.cat([pixels(student.feature_x), pixels(student.feature_u)])
+        index, label, chosen = self.anchors(of_class(labels, self.nclass) & candidate)
+        return features[index], label, chosen
+
+    def lc_anchors(self, view: MixedView, student: StudentOutput, peer_view: MixedView, peer: StudentOutput):
+        """Pixels whose cross-teacher pseudo-label is below gamma, labelled by the peer student's
+        prediction; with lc_peer_confident only where the peer is at least gamma sure and surer than the
+        student. Returns the student's and the peer's features of a random sample (M, D), its label
+        and chosen mask (M,)."""
+        c = self.ccfg
+        grid = tuple(student.feature_u.shape[-2:])
+        paired = view.valid & peer_view.valid
+        if c["lc_pairing"] == "same_content":  # both mixed images show the same source pixel here
+            paired = paired & (view.paste == peer_view.paste)
+        candidate = sample_to_grid(paired & (view.confidence < c["contrast_thresh"]), grid)
+        own_conf = student.logits_low_u.detach().float().softmax(dim=1).amax(dim=1)
+        peer_conf, peer_label = peer.logits_low_u.detach().float().softmax(dim=1).max(dim=1)
+        if c["lc_peer_confident"]:
+            candidate = candidate & (peer_conf >= c["contrast_thresh"]) & (peer_conf > own_conf)
+        index, label, chosen = self.anchors(of_class(peer_label.flatten(), self.nclass) & candidate.flatten())
+        return pixels(student.feature_u)[index], pixels(peer.feature_u)[index], label, chosen
+
+    def anchors(self, candidates: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """At most `ctt.anchors` of the candidates (K, N), drawn at random within each class and shared
+        evenly among the classes present: index (M,), label (M,), chosen (M,)."""
+        index, chosen = self.sample(candidates, self.ccfg["anchors"])
+        return round_robin(index, chosen, self.ccfg["anchors"])
+
+    def sample(self, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to k of each class's candidates (K, N), uniformly at random (global torch RNG): (K, k')."""
+        uniform = torch.rand(candidates.shape[1], device=candidates.device)
+        return per_class_sample(candidates, uniform, k)
+
+    # ---------------------------------------------------------------------- after the optimizer step
+    def after_optimizer_step(self) -> None:
+        """4. Each teacher follows its own student; then its bank (and queue) take its new candidates."""
+        self.teacher_a.update(self.unwrapped("student_a"))
+        self.teacher_b.update(self.unwrapped("student_b"))
+        if self.pending is None:
+            return
+        p, self.pending = self.pending, None
+        amp = AMP_DTYPES[self.cfg["amp"]]  # the engine's autocast covers step() only
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            for name in "ab":
+                self.push_bank(name, p.img_x, p.mask_x)
+                if self.negatives:
+                    self.push_negatives(name, p)
+
+    def push_bank(self, name: str, img_x: torch.Tensor, mask_x: torch.Tensor) -> None:
+        """Bank: the updated teacher's features of the labeled pixels it gets right with confidence, the
+        most confident bank_per_step per class and process, from every process."""
+        c = self.ccfg
+        teacher = getattr(self, f"teacher_{name}")
+        teacher.train(c["teacher_mode"] == "train")
+        out = teacher(img_x, features=True)
+        grid = tuple(out.decoder.shape[-2:])
+        label = sample_to_grid(mask_x, grid).flatten()
+        candidate, score = bank_candidates(
+            pixels(out.logits_low), label, c["bank_thresh"], c["bank_confidence"] == "logit"
+        )
+        index, chosen = per_class_sample(of_class(label, self.nclass) & candidate, score, self.bank_per_step)
+        self.banks[name].push(*gather_from_ranks(pixels(out.decoder)[index], chosen))
+
+    def push_negatives(self, name: str, p: Pending) -> None:
+        """Queue: a random sample of the teacher's unreliable weak-view pixels, for each class they rank
+        below their neg_skip_top most probable ones."""
+        view = p.teachers[name]
+        grid = tuple(view.feature.shape[-2:])
+        prob = pixels(view.logits_low.float().softmax(dim=1))
+        valid = sample_to_grid(p.valid_u, grid).flatten()
+        unreliable = unreliable_mask(prob, valid, p.unreliable)
+        candidates = negative_candidates(prob, unreliable, self.ccfg["neg_skip_top"])  # (K, N)
+        index, chosen = self.sample(candidates, self.ccfg["neg_per_step"])
+        self.queues[name].push(*gather_from_ranks(pixels(view.feature)[index], chosen))
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "banks": {n: q.state_dict() for n, q in self.banks.items()},
+            "queues": {n: q.state_dict() for n, q in self.queues.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"banks", "queues"}:
+            raise ValueError(f"CTT needs its memory banks and queues, but the checkpoint has {sorted(state)}")
+        for n in "ab":
+            self.banks[n].load_state_dict(state["banks"][n])
+            self.queues[n].load_state_dict(state["queues"][n])
+
+
+METHOD = CTT
+
+if __name__ == "__main__":
+    main(CTT)

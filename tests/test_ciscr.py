@@ -1,0 +1,492 @@
+"""CISC-R: its building blocks against loop computations of the formulas, the labeled-only query, and the
+staged pipeline as real processes (all stages in one command, SIGKILLs resumed to identical weights, two
+gloo processes), plus the online variant under two processes."""
+
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from CISCR import CrossImageSupervised, RectifiedSelfTraining
+from dataset.query import LabeledClasses, PartnerQuery, covering
+from dataset.semi import read_split
+from model import build_model
+from tests.conftest import make_method
+from tests.test_training import ROOT, TINY, run, weights
+from util.config import ConfigError, defaults, load_config
+from util.losses import cross_entropy
+from util.losses.ciscr import (
+    choose_shared_classes,
+    cisc_map,
+    class_prototypes,
+    class_scores,
+    cross_image_consistency,
+    masked_average,
+    rectified_cross_entropy,
+    rectify_weight,
+    region_of,
+    reliability,
+)
+
+
+# ------------------------------------------------------------------------------ loop references
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    return dot / (max(na, 1e-6) * max(nb, 1e-6))
+
+
+def bce(p, t):
+    p = min(max(p, 0.0), 1.0)
+    log_p = max(math.log(p), -100) if p > 0 else -100
+    log_q = max(math.log(1 - p), -100) if p < 1 else -100
+    return -(t * log_p + (1 - t) * log_q)
+
+
+def up(maps, size):
+    """The reference resize: F.interpolate itself (bilinear, align_corners=True)."""
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
+
+
+def masked_average_reference(feature, mask):
+    """Upsample the whole feature to the mask, then average it over the mask pixel by pixel."""
+    B, C = feature.shape[:2]
+    H, W = mask.shape[-2:]
+    big = up(feature, (H, W))
+    out = torch.zeros(B, C)
+    for b in range(B):
+        total, area = [0.0] * C, 0.0
+        for i in range(H):
+            for j in range(W):
+                if mask[b, i, j]:
+                    area += 1
+                    total = [t + float(v) for t, v in zip(total, big[b, :, i, j])]
+        out[b] = torch.tensor([t / (area + 5e-4) for t in total])
+    return out
+
+
+def cosine_map_reference(feature, prototypes):
+    """(B, K, h, w) cosine of each feature pixel with each of the image's prototypes (B, K, C)."""
+    B, _, h, w = feature.shape
+    K = prototypes.shape[1]
+    out = torch.zeros(B, K, h, w)
+    for b in range(B):
+        for k in range(K):
+            for i in range(h):
+                for j in range(w):
+                    out[b, k, i, j] = cosine(feature[b, :, i, j].tolist(), prototypes[b, k].tolist())
+    return out
+
+
+def tiny_maps(seed=0, B=2, C=4, h=5, w=6, H=17, W=21, K=3):
+    g = torch.Generator().manual_seed(seed)
+    feature_u = torch.rand(B, C, h, w, generator=g)  # non-negative, like the decoder's post-ReLU feature
+    feature_q = torch.rand(B, C, h, w, generator=g)
+    region_u = torch.rand(B, H, W, generator=g) > 0.6
+    region_q = torch.rand(B, H, W, generator=g) > 0.5
+    region_q[1] = False  # a pair without a shared class
+    region_u[1] = False
+    label = torch.randint(0, K, (B, H, W), generator=g)
+    label[0, :2] = 255  # padding rows
+    return feature_u, feature_q, region_u, region_q, label
+
+
+def test_cisc_map_and_consistency_match_loops():
+    feature_u, feature_q, region_u, region_q, label = tiny_maps()
+    size = region_u.shape[-2:]
+    prototype = masked_average(feature_q, region_q)
+    assert torch.allclose(prototype, masked_average_reference(feature_q, region_q), atol=1e-5)
+    cisc = cisc_map(feature_u, prototype, size)
+    expected = up(cosine_map_reference(feature_u, prototype[:, None]), size)[:, 0]
+    assert torch.allclose(cisc, expected, atol=1e-5)
+    assert cisc.min() >= 0 and torch.equal(cisc[1], torch.zeros_like(cisc[1]))  # no shared class: S = 0
+
+    valid = label != 255
+    terms = [bce(float(cisc[b, i, j]), float(region_u[b, i, j])) for b, i, j in valid.nonzero().tolist()]
+    loss = cross_image_consistency(cisc, region_u, valid)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_rectified_weights_and_loss_match_loops():
+    feature_u, feature_q, region_u, region_q, label = tiny_maps(seed=1)
+    B, H, W = label.shape
+    cisc = cisc_map(feature_u, masked_average(feature_q, region_q), (H, W))
+    weight = rectify_weight(cisc, region_u)
+    for b in range(B):
+        for i in range(H):
+            for j in range(W):
+                m, s = float(region_u[b, i, j]), float(cisc[b, i, j])
+                assert weight[b, i, j].item() == pytest.approx(1 - abs(m - s), abs=1e-6)
+    assert torch.equal(weight[1], torch.ones_like(weight[1]))  # no shared class: plain CE
+
+    logits = torch.randn(B, 3, H, W, generator=torch.Generator().manual_seed(2))
+    valid = label != 255
+    total = 0.0
+    for b, i, j in valid.nonzero().tolist():
+        values = logits[b, :, i, j].tolist()
+        log_z = math.log(sum(math.exp(v) for v in values))
+        total += weight[b, i, j].item() * (log_z - values[label[b, i, j]])
+    for count_all, count in ((False, valid.sum().item()), (True, B * H * W)):
+        loss = rectified_cross_entropy(logits, label, weight, valid, count_all)
+        assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    # With weight 1 it is the plain cross-entropy.
+    plain = rectified_cross_entropy(logits, label, torch.ones_like(weight), valid)
+    assert plain.item() == pytest.approx(cross_entropy(logits, label).item(), rel=1e-6)
+
+
+def test_consistency_gradient_reaches_both_images_and_rectification_none():
+    feature_u, feature_q, region_u, region_q, label = tiny_maps(seed=3)
+    feature_u.requires_grad_(True)
+    feature_q.requires_grad_(True)
+    cisc = cisc_map(feature_u, masked_average(feature_q, region_q), label.shape[-2:])
+    cross_image_consistency(cisc, region_u, label != 255).backward()
+    # As released, nothing is detached: the map's pixels and the partner's prototype both learn (the
+    # pair without a shared class gives no gradient).
+    assert feature_u.grad[0].abs().sum() > 0 and feature_q.grad[0].abs().sum() > 0
+    assert feature_u.grad[1].abs().sum() == 0 and feature_q.grad[1].abs().sum() == 0
+
+
+def test_prototypes_scores_and_reliability_match_loops():
+    feature, _, _, _, label = tiny_maps(seed=4)
+    B, C, h, w = feature.shape
+    K, (H, W) = 3, label.shape[-2:]
+    prototypes = class_prototypes(feature, label, K)
+    expected = torch.zeros(K, C)
+    for k in range(K):
+        expected[k] = masked_average_reference(feature, label == k).sum(dim=0)
+    assert torch.allclose(prototypes, expected, atol=1e-5)
+
+    scores = class_scores(feature, prototypes, label)
+    cos = up(cosine_map_reference(feature, prototypes.expand(B, -1, -1)), (H, W))
+    for b in range(B):
+        pixels = [(i, j) for i in range(H) for j in range(W) if label[b, i, j] != 255]
+        for k in range(K):
+            values = [bce(float(cos[b, k, i, j]), float(label[b, i, j] == k)) for i, j in pixels]
+            assert scores[b, k].item() == pytest.approx(sum(values) / len(values), rel=1e-5)
+    pseudo = label.clone()
+    pseudo[1][pseudo[1] == 2] = 0  # image 1 without class 2
+    score = reliability(scores, pseudo)
+    for b in range(B):
+        present = {int(c) for c in pseudo[b].unique() if c != 255}
+        assert score[b].item() == pytest.approx(sum(scores[b, k].item() for k in present), rel=1e-6)
+
+
+@pytest.mark.parametrize("exclude_background, count", [(False, 1), (True, 1), (True, 2)])
+def test_shared_class_choice_and_regions_match_loop(exclude_background, count):
+    g = torch.Generator().manual_seed(5)
+    B, K, H, W, min_area = 6, 5, 10, 10, 0.05
+    label_u = torch.randint(0, K, (B, H, W), generator=g)
+    label_q = torch.randint(0, K, (B, H, W), generator=g)
+    label_u[0] = 0  # only background
+    label_q[1, :, :] = 255
+    label_q[2, :9] = 3  # class 3 and a sliver (< 5%) of others
+    label_u[2, :1] = 3  # 10% of class 3
+    noise = torch.rand(B, K, generator=g)
+    chosen = choose_shared_classes(label_u, label_q, K, min_area, exclude_background, noise, count)
+    for b in range(B):
+        au = [(label_u[b] == k).float().mean().item() for k in range(K)]
+        aq = [(label_q[b] == k).float().mean().item() for k in range(K)]
+        candidates = [k for k in range(K) if au[k] >= min_area and aq[k] >= min_area]
+        candidates = [k for k in candidates if not (exclude_background and k == 0)]
+        expected = sorted(candidates, key=lambda k: -noise[b, k].item())[:count]
+        assert sorted(chosen[b].nonzero().flatten().tolist()) == sorted(expected)
+    assert chosen[1].sum() == 0 and chosen[2].tolist() == [k == 3 for k in range(K)]
+    region = region_of(label_q, chosen)
+    for b in range(B):
+        keep = chosen[b].nonzero().flatten().tolist()
+        assert torch.equal(region[b], torch.isin(label_q[b], torch.tensor(keep, dtype=torch.long)))
+
+
+def tiny_networks():
+    cfg = load_config("configs/demo.yaml", ["backbone_width=8", "head_channels=16"])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg), build_model(cfg).eval()
+
+
+def test_rectified_step_trains_only_the_student_and_without_shared_class_is_plain_cross_entropy():
+    cfg, student, teacher = tiny_networks()
+    method = RectifiedSelfTraining(cfg, cross_entropy, torch.device("cpu"))
+    method.attach({"model": student, "teacher": teacher}, {"model": student, "teacher": teacher})
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 32, 32, generator=g)
+    mask_x, pseudo_label = torch.randint(0, 6, (2, 2, 32, 32), generator=g)
+    pseudo_label[:, -4:] = 255  # crop padding
+    region = torch.zeros(2, 32, 32, dtype=torch.bool)
+    empty = {
+        "labeled": (images[:2], mask_x),
+        "unlabeled": (images[2:4], pseudo_label, images[4:], region, region),
+    }
+    losses, _ = method.step(empty)
+    pred_u = student(images[:4])[2:]
+    assert losses["u"].item() == pytest.approx(cross_entropy(pred_u, pseudo_label).item(), rel=1e-5)
+
+    region_u, region_q = pseudo_label == 1, torch.rand(2, 32, 32, generator=g) > 0.5
+    losses, stats = method.step(
+        {**empty, "unlabeled": (images[2:4], pseudo_label, images[4:], region_u, region_q)}
+    )
+    assert losses["u"] < cross_entropy(pred_u, pseudo_label) and stats["weight"] < 1
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_stage1_step_is_two_cross_entropies_plus_the_weighted_consistency():
+    cfg, model, _ = tiny_networks()
+    cfg["ciscr"]["consistency_weight"] = 0.5
+    method = make_method(CrossImageSupervised, model, cfg, cross_entropy)
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(4, 3, 32, 32, generator=g)
+    mask = torch.randint(0, 6, (4, 32, 32), generator=g)
+    region = mask == 2
+    losses, _ = method.step({"labeled": (img[:2], mask[:2], img[2:], mask[2:], region[:2], region[2:])})
+    out = model(img, features=True)
+    logits, feature = out.logits, out.decoder
+    assert losses["x"].item() == pytest.approx(
+        (cross_entropy(logits[:2], mask[:2]) + cross_entropy(logits[2:], mask[2:])).item(), rel=1e-5
+    )
+    cisc = cisc_map(feature[:2], masked_average(feature[2:], region[2:]), (32, 32))
+    cisc_q = cisc_map(feature[2:], masked_average(feature[:2], region[:2]), (32, 32))
+    valid = torch.ones_like(region)
+    expected = cross_image_consistency(cisc, region[:2], valid[:2]) + cross_image_consistency(
+        cisc_q, region[2:], valid[2:]
+    )
+    assert losses["cisc"].item() == pytest.approx(0.5 * expected.item(), rel=1e-5) and expected > 0
+
+
+# ------------------------------------------------------------------------------ the query (labeled only)
+def demo_data(folder, drop_unlabeled_masks=True):
+    """The tiny demo dataset in `folder`; the unlabeled images' masks are deleted, so that anything that
+    reads one fails."""
+    from dataset.demo import ensure_demo
+
+    path = os.path.join(folder, "tiny.yaml")
+    with open(path, "w") as f:
+        f.write(TINY.format(root=folder) + CISCR_TINY)
+    cfg = load_config(path)
+    ensure_demo(cfg["data_root"], **cfg["demo"])
+    if drop_unlabeled_masks:
+        for _, _, mask in read_split(cfg["unlabeled_id_path"], need_mask=True):
+            os.remove(os.path.join(cfg["data_root"], mask))
+    return path, cfg
+
+
+CISCR_TINY = "ciscr: {stage_iters: [4, 4, 4], exclude_background: true}\n"
+
+
+def test_class_lists_hold_only_labeled_images_and_follow_the_split(tmp_path):
+    _, cfg = demo_data(str(tmp_path))
+    root, split, nclass = cfg["data_root"], cfg["labeled_id_path"], cfg["nclass"]
+    labeled = [(image, mask) for _, image, mask in read_split(split, need_mask=True)]
+    classes = LabeledClasses.load(split, root, nclass, str(tmp_path), 0.03, True)
+    assert classes.images == labeled
+    for c, members in classes.lists.items():
+        assert c != 0 and members
+        for i in members:  # each listed image shows its class on >= 3% of its pixels
+            mask = np.array(Image.open(os.path.join(root, labeled[i][1])))
+            assert (mask == c).mean() >= 0.03
+    caches = list(tmp_path.glob("labeled_classes.*.json"))
+    assert len(caches) == 1
+
+    # A changed split gets lists of its own (another cache file); the old one stays valid for the old split.
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text("".join(f"{image} {mask}\n" for image, mask in labeled[1:]))
+    fewer = LabeledClasses.load(str(shorter), root, nclass, str(tmp_path), 0.03, True)
+    assert fewer.images == labeled[1:] and len(list(tmp_path.glob("labeled_classes.*.json"))) == 2
+    # Built once: the cache answers without a mask being read.
+    os.remove(os.path.join(root, labeled[0][1]))
+    again = LabeledClasses.load(split, root, nclass, str(tmp_path), 0.03, True)
+    assert again.lists == classes.lists
+
+
+def test_draws_follow_the_concatenated_lists_and_never_pair_an_image_with_itself():
+    images = [("a", "ma"), ("b", "mb"), ("c", "mc")]
+    classes = LabeledClasses(images, [{1: 0.5}, {1: 0.5, 2: 0.5}, {0: 1.0}], 0.03, exclude_background=True)
+    assert classes.lists == {1: [0, 1], 2: [1]}
+    random.seed(0)
+    draws = [classes.draw([1, 2], exclude=None) for _ in range(3000)]
+    assert draws.count(1) / len(draws) == pytest.approx(2 / 3, abs=0.03)  # b is in both lists
+    assert {classes.draw([1, 2], exclude=1) for _ in range(200)} == {0}
+    assert {classes.draw([2], exclude=1) for _ in range(200)} == {0, 2}  # empty pool: any other image
+
+
+def test_partner_regions_are_one_class_both_images_show(tmp_path):
+    _, cfg = demo_data(str(tmp_path), drop_unlabeled_masks=False)
+    root, nclass = cfg["data_root"], cfg["nclass"]
+    classes = LabeledClasses.load(cfg["labeled_id_path"], root, nclass, None, 0.03, True)
+    query = PartnerQuery(root, classes, nclass, 32, 0.03, True)
+    random.seed(1)
+    shared_pairs = 0
+    for n in range(40):
+        own_image, own_mask = classes.images[n % len(classes.images)]
+        label = np.array(Image.open(os.path.join(root, own_mask)))[:32, :32].astype(np.int64)
+        partner = query.for_label(label, own_image)
+        region, region_q = partner.region.numpy(), partner.region_partner.numpy()
+        shared = set(np.unique(label[region])) | set(np.unique(partner.mask.numpy()[region_q]))
+        assert len(shared) <= 1 and region.any() == region_q.any()
+        if shared:
+            shared_pairs += 1
+            (c,) = shared
+            assert c in covering(label, nclass, 0.03, True)
+            assert c in covering(partner.mask.numpy(), nclass, 0.03, True)
+            assert np.array_equal(region, label == c) and np.array_equal(region_q, partner.mask.numpy() == c)
+    assert shared_pairs > 20
+
+
+def test_recrop_loop_stops_after_max_recrops(tmp_path, monkeypatch):
+    """The release re-crops until a shared class shows, forever if it never does; here max_recrops ends it
+    with empty regions."""
+    import dataset.query as query_module
+
+    _, cfg = demo_data(str(tmp_path), drop_unlabeled_masks=False)
+    root, nclass = cfg["data_root"], cfg["nclass"]
+    classes = LabeledClasses.load(cfg["labeled_id_path"], root, nclass, None, 0.03, True)
+    real_crop, crops = query_module.T.random_crop, []
+
+    def blank_crop(image, mask, size, mask_fill=255):  # every crop shows padding only
+        crops.append(1)
+        image, mask = real_crop(image, mask, size, mask_fill)
+        return image, torch.full_like(mask, 255)
+
+    monkeypatch.setattr(query_module.T, "random_crop", blank_crop)
+    label = np.array(Image.open(os.path.join(root, classes.images[0][1]))).astype(np.int64)
+    assert covering(label, nclass, 0.03, True)
+    partner = PartnerQuery(root, classes, nclass, 32, 0.03, True, max_recrops=3).for_label(label)
+    assert len(crops) == 3 and not partner.region.any() and not partner.region_partner.any()
+
+
+# ------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name", ["pascal", "cityscapes", "coco", "demo"])
+def test_configs_state_only_what_differs_from_the_ciscr_defaults(name):
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
+    raw = yaml.safe_load(open(path)).get("ciscr") or {}
+    assert all(value != defaults()["ciscr"][key] for key, value in raw.items()), "a default restated"
+    c = load_config(path)["ciscr"]
+    assert c["min_class_area"] == 0.03 and c["shared_classes"] == 1 and c["reliable_fraction"] == 0.5
+    assert c["tta_scales"] == [0.5, 0.75, 1.0, 1.5, 2.0] and c["tta_flip"]
+    assert c["exclude_background"] == (name != "cityscapes")
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("ciscr.mode=offline", "key 'ciscr.mode' must be one of"),
+        ("ciscr.stage_iters=[1,2]", "key 'ciscr.stage_iters' must have 3 items"),
+        ("ciscr.reliable_fraction=0", "key 'ciscr.reliable_fraction' must be > 0"),
+        ("ciscr.min_area=0.1", "unknown config key 'ciscr.min_area'"),
+    ],
+)
+def test_bad_ciscr_config_names_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", [override])
+    assert needle in str(err.value)
+
+
+# ------------------------------------------------------------------------------ the staged pipeline
+RUNNER = [sys.executable, "tests/run_ciscr.py"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Tiny demo data without the unlabeled masks, and an uninterrupted staged run on it."""
+    folder = tmp_path_factory.mktemp("ciscr")
+    config, _ = demo_data(str(folder))
+    straight = folder / "straight"
+    log = run([*RUNNER, "--config", config, "--save-path", str(straight)])
+    return {"dir": folder, "config": config, "straight": straight, "log": log}
+
+
+def label_files(save):
+    found = {}
+    for stage in ("stage2", "stage5"):
+        base = save / "pseudo_labels" / stage
+        found.update({str(p.relative_to(save)): p.read_bytes() for p in sorted(base.rglob("*.png"))})
+    return found
+
+
+def test_one_command_runs_every_stage(data):
+    save = data["straight"]
+    manifest = json.loads((save / "stages.json").read_text())
+    assert list(manifest["done"]) == ["stage1", "stage2", "stage3", "stage4", "stage5", "stage6"]
+    reliable = (save / "selection" / "reliable.txt").read_text().split()
+    unreliable = (save / "selection" / "unreliable.txt").read_text().split()
+    assert len(reliable) == len(unreliable) == 9  # 18 unlabeled images, half reliable
+    labels = label_files(save)
+    assert len([p for p in labels if "stage2" in p]) == 18 and len([p for p in labels if "stage5" in p]) == 9
+    for stage in ("stage1", "stage4", "stage6"):
+        assert torch.load(save / stage / "latest.pth", weights_only=True)["iteration"] == 4
+    best = torch.load(save / "best.pth", weights_only=True)
+    assert best["miou"] == pytest.approx(manifest["done"]["stage6"]["best_miou"])
+    stage4 = torch.load(save / "stage4" / "latest.pth", weights_only=True)["networks"]
+    stage1 = weights(save / "stage1" / "best.pth")
+    assert all(torch.equal(stage4["teacher"][k], stage1[k]) for k in stage1), "stage 4's teacher is not M1"
+
+
+def test_sigkills_in_pseudo_labelling_and_in_a_later_stage_resume_to_the_same_weights(data):
+    save, straight = data["dir"] / "killed", data["straight"]
+    args = ["--config", data["config"], "--save-path", str(save)]
+    run([*RUNNER, *args, "--kill-after-labels", "5"], expect=-9)
+    manifest = json.loads((save / "stages.json").read_text())
+    assert list(manifest["done"]) == ["stage1"] and len(label_files(save)) == 5
+    stage1_written = (save / "stage1" / "latest.pth").stat().st_mtime_ns
+
+    # Killed again inside the last stage, before its iteration 3 (after the evaluation and save at 3).
+    run([*RUNNER, *args, "--kill-in", "stage6", "--kill-at", "3"], expect=-9)
+    assert (save / "stage1" / "latest.pth").stat().st_mtime_ns == stage1_written, "stage 1 was redone"
+    assert torch.load(save / "stage6" / "latest.pth", weights_only=True)["iteration"] == 3
+    log = run([*RUNNER, *args])
+    assert "stages to run: stage6" in log and "at iteration 3/4" in log
+
+    assert label_files(save) == label_files(straight)
+    for name in ("reliable.txt", "unreliable.txt", "query_lists.json"):
+        assert (save / "selection" / name).read_bytes() == (straight / "selection" / name).read_bytes()
+    for stage in ("stage1", "stage4", "stage6"):
+        a, b = weights(save / stage / "latest.pth"), weights(straight / stage / "latest.pth")
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}: resumed weights differ"
+
+
+def test_two_processes_run_every_stage_with_identical_ranks(data):
+    save, dump = data["dir"] / "ddp", data["dir"] / "dump"
+    relative = os.path.relpath(save, ROOT)  # relative to the working folder, not to the data root
+    run(
+        [
+            *TORCHRUN,
+            *RUNNER[1:],
+            "--config",
+            data["config"],
+            "--save-path",
+            relative,
+            "--dump-weights",
+            str(dump),
+        ]
+    )
+    assert len(label_files(save)) == 18 + 9  # the two ranks' shares make up every image
+    for stage in ("stage1", "stage4", "stage6"):
+        r0, r1 = (torch.load(dump / f"{stage}_rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert all(torch.equal(r0[k], r1[k]) for k in r0), f"{stage}: ranks diverged"
+        saved = weights(save / stage / "latest.pth")
+        assert all(torch.equal(r0[k], saved[k]) for k in saved)
+
+
+def test_online_variant_under_two_processes(data):
+    """ciscr.mode=online: UniMatch's loop with an EMA teacher; ranks stay identical and the teacher moves."""
+    save, dump = data["dir"] / "online", data["dir"] / "online_dump"
+    run([*TORCHRUN, "tests/run_training.py", "CISCR", "--config", data["config"], "--save-path", str(save),
+         "--dump-weights", str(dump), "ciscr.mode=online", "conf_thresh=0", "max_iters=4"])  # fmt: skip
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0 if "extra" not in k)
+    state = torch.load(save / "latest.pth", weights_only=True)
+    teacher, student = state["networks"]["teacher"], state["networks"]["model"]
+    assert teacher["_extra_state"]["updates"] == 4
+    moved = [
+        k for k in student if k.endswith("weight") and not torch.equal(teacher["module." + k], student[k])
+    ]
+    assert moved, "the EMA teacher is a copy of the student"

@@ -1,0 +1,328 @@
+"""CTT's terms (Xiao et al., "Semi-Supervised Semantic Segmentation with Cross Teacher Training",
+Neurocomputing 2022) as plain functions of tensors, and the class-wise FIFO queue behind its memory banks.
+
+    ClassMix     half of the classes of each image's pseudo-label pasted onto the next image of the batch
+    CT           cross-teacher cross-entropy, weighted by the fraction of confident pixels of the batch
+    HC           high-level contrast: student features against the class-wise bank of teacher features of
+                 confidently-correct labeled pixels (positives: its class's entries; negatives: the others)
+    LC           low-level contrast: a student's uncertain pixel against the peer student's feature of the
+                 same content (positive) and both banks' entries of other classes (negatives)
+    negatives    unreliable (high-entropy) unlabeled pixels as negatives of the classes they rank lowest,
+                 from a per-class queue, against the bank's class prototype as positive
+
+Shapes: K classes, D feature channels. Pixel sets are (N, D) with labels (N,); per-class samples are
+(K, k) indices with a (K, k) bool mask of the positions that hold one; anchors are (M, D) rows with a
+label (M,) and a mask (M,). Every per-class operation is a masked top-k, a gather or a one-hot product:
+no Python loop over classes, images or pixels.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from util.dist import get_world_size
+from util.losses.mlcl import select_by_similarity
+
+# A finite stand-in for -inf in masked log-sum-exps: all-masked rows give exp(...) = 0 and a zero
+# gradient, where -inf would give NaN gradients.
+MASKED = torch.finfo(torch.float32).min
+
+
+# --------------------------------------------------------------------------------------------- ClassMix
+def classmix_mask(pseudo_label: torch.Tensor, valid: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Where image i keeps its own pixels when it is mixed with image i + 1 (mod B).
+
+    pseudo_label (B, H, W) long, valid (B, H, W) bool (not crop padding), uniform (B, K) U(0, 1) draws.
+    Of the n_i classes present in image i's valid pixels, floor(n_i / 2) are chosen uniformly without
+    replacement (the n_i // 2 smallest draws among them); the mask is True on its valid pixels of a
+    chosen class. Returns (B, H, W) bool.
+    """
+    batch, nclass = uniform.shape
+    label = torch.where(valid, pseudo_label, nclass).flatten(1)  # padding -> an extra "class" K
+    present = torch.zeros(batch, nclass + 1, dtype=torch.bool, device=label.device)
+    present = present.scatter(1, label, True)[:, :nclass]
+    score = torch.where(present, uniform, 2.0)  # absent classes sort last
+    rank = score.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+    chosen = present & (rank < (present.sum(dim=1, keepdim=True) // 2))
+    chosen = torch.cat([chosen, chosen.new_zeros(batch, 1)], dim=1)  # padding is never chosen
+    return chosen.gather(1, label).view_as(pseudo_label)
+
+
+def classmix(image: torch.Tensor, paste: torch.Tensor) -> torch.Tensor:
+    """Image i's pixels where `paste[i]` is True, image i + 1's (mod B) elsewhere.
+
+    image: (B, ...) with the pixel grid last, as (B, H, W) or (B, C, H, W); paste: (B, H, W) bool.
+    """
+    keep = paste if image.dim() == paste.dim() else paste.unsqueeze(1)
+    return torch.where(keep, image, image.roll(-1, dims=0))
+
+
+# --------------------------------------------------------------------------------------------------- CT
+def confident_counts(confidence: torch.Tensor, valid: torch.Tensor, thresh: float) -> torch.Tensor:
+    """(confident valid pixels, valid pixels) as a float tensor of 2, to be summed over ranks."""
+    return torch.stack([((confidence >= thresh) & valid).sum(), valid.sum()]).float()
+
+
+def ct_loss(
+    logits: torch.Tensor, pseudo_label: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """w * mean over valid pixels of CE(logits, pseudo_label), with the one scalar weight
+    w = confident / valid from `counts` (confident_counts summed over every rank): ClassMix's uniform
+    weighting. logits (B, K, H, W), pseudo_label (B, H, W), valid (B, H, W) bool."""
+    weight = counts[0] / counts[1].clamp(min=1)
+    ce = F.cross_entropy(logits.float(), pseudo_label, reduction="none")
+    return weight * (ce * valid).sum() / valid.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------ per-class sets
+def of_class(labels: torch.Tensor, nclass: int) -> torch.Tensor:
+    """(K, N) bool: pixel n has label k. labels (N,); labels outside [0, K) (255) belong to no class."""
+    return labels[None, :] == torch.arange(nclass, device=labels.device)[:, None]
+
+
+def per_class_sample(
+    candidates: torch.Tensor, score: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every class, its k candidate pixels with the highest score.
+
+    candidates (K, N) bool, score (N,). With uniform draws as scores this is a uniform sample without
+    replacement. Returns index (K, k') into the N pixels and chosen (K, k') bool, k' = min(k, N); a class
+    with fewer candidates has its first positions chosen.
+    """
+    return select_by_similarity(score.expand(candidates.shape[0], -1), candidates, k, True)
+
+
+def bank_candidates(
+    logits: torch.Tensor, label: torch.Tensor, thresh: float, use_logit: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labeled pixels a memory bank may take: the teacher is right and confident.
+
+    logits (N, K) of the teacher, label (N,) ground truth (255 = ignored). The confidence is the softmax
+    maximum, or with use_logit the raw maximum logit (the released code's test). Returns (candidate (N,)
+    bool, score (N,)): the bank takes the highest-scoring candidates of each class.
+    """
+    logits = logits.float()
+    score = logits if use_logit else logits.softmax(dim=1)
+    confidence, prediction = score.max(dim=1)
+    return (prediction == label) & (confidence >= thresh), confidence
+
+
+# --------------------------------------------------------------------------- unreliable pixels (negatives)
+def unreliable_fraction(start: float, iteration: int, total_iters: int) -> float:
+    """The share of pixels counted as unreliable: `start` at the first step, falling linearly to 0."""
+    return start * max(0.0, 1.0 - iteration / max(total_iters, 1))
+
+
+def unreliable_mask(prob: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The valid pixels whose prediction entropy is in the top `fraction` of the batch's valid pixels.
+
+    prob (N, K) probabilities, valid (N,) bool. The partition threshold is the (1 - fraction) quantile of
+    the valid entropies (linear interpolation, as numpy.percentile). Returns (N,) bool.
+    """
+    if fraction <= 0:
+        return torch.zeros_like(valid)
+    prob = prob.float()
+    entropy = -(prob * prob.clamp(min=1e-12).log()).sum(dim=1)
+    nan = torch.full_like(entropy, float("nan"))
+    thresh = torch.nanquantile(torch.where(valid, entropy, nan), 1.0 - fraction)
+    return valid & (entropy >= thresh)
+
+
+def negative_candidates(prob: torch.Tensor, unreliable: torch.Tensor, skip_top: int) -> torch.Tensor:
+    """(K, N) bool: pixel n is a negative of class c when it is unreliable and c is not among its
+    `skip_top` most probable classes. prob (N, K), unreliable (N,) bool."""
+    rank = prob.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)  # (N, K)
+    return ((rank >= skip_top) & unreliable[:, None]).t()
+
+
+# ------------------------------------------------------------------------------------ contrastive core
+def round_robin(index: torch.Tensor, chosen: torch.Tensor, budget: int) -> tuple[torch.Tensor, ...]:
+    """Per-class picks (K, k) flattened to at most `budget` rows: every class's first pick, then every
+    class's second, and so on, so the classes present share the budget evenly and a class with few picks
+    leaves its share to the others. Returns index (M,), label (M,) and chosen (M,), M = min(budget, K k)."""
+    nclass, k = index.shape
+    label = torch.arange(nclass, device=index.device)[:, None].expand(nclass, k)
+    turn = torch.arange(k, device=index.device)[None, :] * nclass + label
+    order = torch.where(chosen, turn, nclass * k).flatten().argsort(stable=True)[:budget]
+    return index.flatten()[order], label.flatten()[order], chosen.flatten()[order]
+
+
+def info_nce(
+    positive: torch.Tensor,
+    positive_mask: torch.Tensor,
+    negative: torch.Tensor,
+    negative_mask: torch.Tensor,
+    label: torch.Tensor,
+    anchor_mask: torch.Tensor,
+    nclass: int,
+) -> torch.Tensor:
+    """Class-balanced InfoNCE.
+
+    positive (M, P), negative (M, Q): similarities / temperature of each anchor to its positives and
+    negatives; the masks broadcast to those shapes; label, anchor_mask (M,). For an anchor a and a
+    positive p: -log(e^s(a,p) / (e^s(a,p) + sum_q e^s(a,q))). Averaged over the anchor's positives, over
+    the anchors of a class, then over the classes that have an anchor with a positive. Zero if none has.
+    """
+    negative = negative.float().masked_fill(~negative_mask, MASKED).logsumexp(dim=-1, keepdim=True)
+    positive = positive.float()
+    pair = torch.logaddexp(positive, negative) - positive  # (M, P)
+    positive_mask = positive_mask.expand_as(pair).to(pair.dtype)
+    count = positive_mask.sum(dim=-1)
+    per_anchor = (pair * positive_mask).sum(dim=-1) / count.clamp(min=1)
+    used = F.one_hot(label, nclass).to(pair.dtype) * (anchor_mask & (count > 0))[:, None]  # (M, K)
+    anchors = used.sum(dim=0)
+    per_class = (used * per_anchor[:, None]).sum(dim=0) / anchors.clamp(min=1)
+    has = (anchors > 0).to(pair.dtype)
+    return (per_class * has).sum() / has.sum().clamp(min=1)
+
+
+def _similarities(
+    anchors: torch.Tensor, label: torch.Tensor, bank: torch.Tensor, filled: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities / temperature of unit anchors (M, D) to every bank entry (K, N, D): (M, K, N), and the
+    (M, K N) mask of the filled entries of classes other than the anchor's label."""
+    nclass, entries = bank.shape[:2]
+    similarity = (anchors @ bank.float().flatten(0, 1).t() / temperature).view(-1, nclass, entries)
+    other = label[:, None] != torch.arange(nclass, device=label.device)[None, :]  # (M, K)
+    return similarity, (other[:, :, None] & filled[None]).flatten(1)
+
+
+def _own_class(values: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(M, K, N) -> (M, N): each row's entries of its own label."""
+    return values.gather(1, label[:, None, None].expand(-1, 1, values.shape[2])).squeeze(1)
+
+
+def hc_loss(
+    anchors: torch.Tensor,
+    label: torch.Tensor,
+    anchor_mask: torch.Tensor,
+    bank: torch.Tensor,
+    filled: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """HC: anchors (M, D) of class `label` against the bank (K, N, D): positives are the filled entries
+    of the anchor's class, negatives the filled entries of every other class. filled (K, N) bool."""
+    anchors = F.normalize(anchors.float(), dim=-1)
+    similarity, negative_mask = _similarities(anchors, label, bank, filled, temperature)
+    positive = _own_class(similarity, label)
+    return info_nce(positive, filled[label], similarity.flatten(1), negative_mask, label, anchor_mask,
+                    bank.shape[0])  # fmt: skip
+
+
+def lc_loss(
+    anchors: torch.Tensor,
+    label: torch.Tensor,
+    anchor_mask: torch.Tensor,
+    peer: torch.Tensor,
+    banks: torch.Tensor,
+    filled: torch.Tensor,
+    temperature: float = 0.5,
+) -> torch.Tensor:
+    """LC: each anchor (M, D) against the peer network's feature of the same pixel (M, D; no gradient) as
+    its one positive and, as negatives, the filled entries of other classes than `label` of both banks:
+    banks (K, 2N, D) = the two (K, N, D) banks concatenated along the entries, filled (K, 2N)."""
+    anchors = F.normalize(anchors.float(), dim=-1)
+    positive = (anchors * F.normalize(peer.detach().float(), dim=-1)).sum(dim=-1, keepdim=True)
+    similarity, negative_mask = _similarities(anchors, label, banks, filled, temperature)
+    return info_nce(positive / temperature, anchor_mask[:, None], similarity.flatten(1), negative_mask,
+                    label, anchor_mask, banks.shape[0])  # fmt: skip
+
+
+def negative_queue_loss(
+    anchors: torch.Tensor,
+    label: torch.Tensor,
+    anchor_mask: torch.Tensor,
+    bank: torch.Tensor,
+    filled: torch.Tensor,
+    queue: torch.Tensor,
+    queue_filled: torch.Tensor,
+    temperature: float = 0.5,
+) -> torch.Tensor:
+    """Unreliable pixels as negatives: anchors (M, D) of class `label` against the prototype of that class
+    (the mean of the bank's filled entries, (K, N, D) with filled (K, N)) as positive and the filled
+    entries of that class's negative queue (K, Q, D), queue_filled (K, Q), as negatives."""
+    anchors = F.normalize(anchors.float(), dim=-1)
+    weights = filled.to(torch.float32)
+    prototype = torch.einsum("kn,knd->kd", weights, bank.float()) / weights.sum(1, keepdim=True).clamp(min=1)
+    prototype = F.normalize(prototype, dim=-1)[label]  # (M, D)
+    positive = (anchors * prototype).sum(dim=-1, keepdim=True) / temperature
+    similarity, _ = _similarities(anchors, label, queue, queue_filled, temperature)
+    return info_nce(positive, filled.any(dim=1)[label][:, None], _own_class(similarity, label),
+                    queue_filled[label], label, anchor_mask, bank.shape[0])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the queues
+def gather_from_ranks(features: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's per-class candidates, side by side in rank order: (K, m, D), (K, m) on each rank ->
+    (K, W m, D), (K, W m). One all_gather (the mask travels as an extra channel)."""
+    world = get_world_size()
+    if world == 1:
+        return features, chosen
+    packed = torch.cat([features.float(), chosen.to(torch.float32)[..., None]], dim=-1).contiguous()
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    torch.distributed.all_gather(parts, packed)
+    packed = torch.cat(parts, dim=1)
+    return packed[..., :-1], packed[..., -1] > 0.5
+
+
+@dataclass
+class ClassQueue:
+    """A FIFO queue of unit feature vectors per class: features (K, N, D); `count` (K,) entries filled
+    so far (at most N) and `head` (K,) the slot the next entry goes to. Rows fill from slot 0; once full,
+    each new entry replaces the oldest. Updates replace the tensors (never write into them), so a
+    state_dict taken earlier keeps its values."""
+
+    features: torch.Tensor
+    count: torch.Tensor
+    head: torch.Tensor
+
+    @classmethod
+    def empty(cls, nclass: int, size: int, dim: int, device=None) -> "ClassQueue":
+        zeros = torch.zeros(nclass, dtype=torch.long, device=device)
+        return cls(torch.zeros(nclass, size, dim, device=device), zeros, zeros.clone())
+
+    @property
+    def size(self) -> int:
+        return self.features.shape[1]
+
+    def filled(self) -> torch.Tensor:
+        """(K, N) bool: the slots that hold an entry."""
+        return torch.arange(self.size, device=self.count.device)[None, :] < self.count[:, None]
+
+    @torch.no_grad()
+    def push(self, features: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Append the chosen rows of features (K, m, D), in order, to each class's queue; m <= N.
+
+        Written as one scatter over all classes: the chosen rows are moved to the front (stable), row j
+        goes to slot (head + j) mod N, and unchosen rows write back what the slot holds. The m slots of a
+        class are distinct because m <= N.
+        """
+        nclass, m, dim = features.shape
+        if m > self.size:
+            raise ValueError(f"cannot push {m} entries per class into a queue of {self.size}")
+        order = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)
+        chosen = chosen.gather(1, order)
+        features = features.gather(1, order[..., None].expand(-1, -1, dim))
+        slots = (self.head[:, None] + torch.arange(m, device=self.head.device)) % self.size  # (K, m)
+        slots = slots[..., None].expand(-1, -1, dim)
+        new = F.normalize(features.float(), dim=-1)
+        new = torch.where(chosen[..., None], new, self.features.gather(1, slots))
+        added = chosen.sum(dim=1)
+        self.features = self.features.scatter(1, slots, new)
+        self.head = (self.head + added) % self.size
+        self.count = (self.count + added).clamp(max=self.size)
+
+    def state_dict(self) -> dict:
+        return {"features": self.features, "count": self.count, "head": self.head}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["features"].shape) != tuple(self.features.shape):
+            raise ValueError(
+                f"queue in the checkpoint has shape {tuple(state['features'].shape)}, this run needs "
+                f"{tuple(self.features.shape)} (classes x entries x feature channels)"
+            )
+        device = self.features.device
+        self.features = state["features"].to(device, torch.float32)
+        self.count = state["count"].to(device, torch.long)
+        self.head = state["head"].to(device, torch.long)
