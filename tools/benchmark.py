@@ -193,7 +193,7 @@ def print_table(rows: list[Row], cfg: dict, loads: list[float], released: bool) 
     before = {row.method: statistics.median(row.seconds) for row in rows if " before" in row.label}
     for row in rows:
         seconds = statistics.median(row.seconds)
-        images = cfg["batch_size"] * (3 if type(row.trainer.method).uses_unlabeled else 1)
+        images = cfg["batch_size"] * len(row.batches[0])  # a batch of each stream the method reads
         line = f"{row.label:<44} {seconds:7.3f} {images / seconds:7.1f} {seconds / first:6.2f}"
         line += f" {row.peak_mb:8.0f}" if device.type == "cuda" else ""
         if released and row.label == row.method and row.method in RELEASED_SECONDS:

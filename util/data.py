@@ -151,7 +151,13 @@ class TrainingData:
     """
 
     def __init__(
-        self, cfg: dict, uses_unlabeled: bool, pin_memory: bool, worker_init=None, wrap_unlabeled=None
+        self,
+        cfg: dict,
+        uses_unlabeled: bool,
+        pin_memory: bool,
+        worker_init=None,
+        wrap_unlabeled=None,
+        uses_mix: bool = True,
     ):
         """`worker_init`: every loader worker's `worker_init_fn` (the engine's makes them ignore Ctrl-C).
         `wrap_unlabeled(dataset) -> dataset`, when given, wraps the unlabeled stream's dataset (not the mix
@@ -176,9 +182,12 @@ class TrainingData:
             mix_order = seed if cfg["mix_partner"] == "same_image" else _mix(seed, "mix-order")
             unlabeled_stream = wrap_unlabeled(unlabeled) if wrap_unlabeled else unlabeled
             loader_u, sampler_u = train_loader(unlabeled_stream, bs, seed, _mix(seed, "unlabeled"), **loaders)
-            loader_m, sampler_m = train_loader(unlabeled, bs, mix_order, _mix(seed, "mix"), **loaders)
-            self.loaders += [loader_u, loader_m]
-            self.samplers += [sampler_u, sampler_m]
+            self.loaders.append(loader_u)
+            self.samplers.append(sampler_u)
+            if uses_mix:  # its own seeds: leaving it out changes no other stream's batches
+                loader_m, sampler_m = train_loader(unlabeled, bs, mix_order, _mix(seed, "mix"), **loaders)
+                self.loaders.append(loader_m)
+                self.samplers.append(sampler_m)
         self.iters_per_epoch = min(s.batches_per_epoch for s in self.samplers)
         self.val_loader = validation_loader(cfg, pin_memory, worker_init)
 

@@ -44,11 +44,13 @@ class EMATeacher(nn.Module):
             list(self.module.parameters()), [p.detach() for p in student.parameters()], weight
         )
         if self.buffers_mode == "ema":
-            for own, theirs in zip(self.module.buffers(), student.buffers()):
-                if own.is_floating_point():
-                    own.lerp_(theirs, weight)
-                else:
-                    own.copy_(theirs)
+            pairs = list(zip(self.module.buffers(), student.buffers()))
+            floats = [(own, theirs) for own, theirs in pairs if own.is_floating_point()]
+            counts = [(own, theirs) for own, theirs in pairs if not own.is_floating_point()]
+            if floats:
+                torch._foreach_lerp_(*map(list, zip(*floats)), weight)
+            if counts:  # num_batches_tracked
+                torch._foreach_copy_(*map(list, zip(*counts)))
         self.updates += 1
 
     def get_extra_state(self) -> dict:

@@ -50,7 +50,8 @@ class Method:
     """One semi-supervised method: the networks it declares, its training step and what it carries.
 
     `step(batch)` gets a dict with 'labeled' = (img_x, mask_x) and, when `uses_unlabeled`, 'unlabeled'
-    and 'mix' = (img_w, img_s1, img_s2, ignore_mask, cutmix_box1, cutmix_box2), all on the device. It
+    and (unless `uses_mix` is False) 'mix' = (img_w, img_s1, img_s2, ignore_mask, cutmix_box1,
+    cutmix_box2), all on the device; 'mix' is a second unlabeled batch, UniMatch's CutMix partners. It
     returns ({name: weighted loss term}, {name: statistic to log}), both as tensors; the engine sums the
     terms and turns everything into numbers in its one host sync per step.
 
@@ -60,6 +61,7 @@ class Method:
     """
 
     uses_unlabeled = True
+    uses_mix = True  # False: the loaders skip the mix stream (a method that mixes within its batch)
 
     def __init__(self, cfg: dict, criterion_l, device: torch.device):
         self.cfg = cfg
@@ -89,7 +91,7 @@ class Method:
         `iters_per_epoch` and `val_loader`, as util.data.TrainingData (the default). A method whose batches
         hold more than UniMatch's streams builds its own; `save_path` is where it may cache what it
         derives from the data (None in benchmarks); `worker_init` goes to every loader worker."""
-        return TrainingData(self.cfg, self.uses_unlabeled, pin_memory, worker_init)
+        return TrainingData(self.cfg, self.uses_unlabeled, pin_memory, worker_init, uses_mix=self.uses_mix)
 
     def deploy_state(self, name: str, module: nn.Module) -> dict:
         """The weights best.pth holds for network `name`: a state dict that `eval.py` loads into the
