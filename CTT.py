@@ -14,6 +14,8 @@ One step, for student S_A (S_B the same with A and B swapped):
              + LC: S_A's unsure pixels against S_B's features of the same content
              + unreliable T_A pixels as negatives of the classes they rank lowest (a queue per class)
     4. after the optimizer step: T_A <- EMA(S_A), then bank A and queue A take T_A's new candidates
+       (bank A's from T_A's forward of the labeled batch, which runs inside the next step's teacher pass:
+       the same updated teacher, one forward instead of two)
 `ctt.preset` picks the terms (docs/DIFFERENCES.md): default = all, paper = CT + HC + LC, released = CT.
 """
 
@@ -82,6 +84,15 @@ class StudentOutput:
 
 
 @dataclass
+class BankInput:
+    """The labeled batch of the last step taken, whose pixels the updated teachers have yet to give the
+    banks."""
+
+    image: torch.Tensor  # (B, 3, H, W)
+    mask: torch.Tensor  # (B, H, W)
+
+
+@dataclass
 class Pending:
     """What after_optimizer_step feeds the banks and queues from."""
 
@@ -94,6 +105,8 @@ class Pending:
 
 class CTT(Method):
     """CTT: cross teacher training with high- and low-level contrast and unreliable pixels as negatives."""
+
+    uses_mix = False  # ClassMix pairs the images of the unlabeled batch itself
 
     def __init__(self, cfg: dict, criterion_l, device: torch.device):
         super().__init__(cfg, criterion_l, device)
@@ -124,6 +137,11 @@ class CTT(Method):
         self.banks = {n: ClassQueue.empty(self.nclass, c["bank_size"], dim, device) for n in "ab"}
         self.queues = {n: ClassQueue.empty(self.nclass, c["neg_queue_size"], dim, device) for n in "ab"}
         self.pending = None
+        # Eval-mode teachers normalise each image alone, so the labeled batch for the banks can join the
+        # next step's weak-view forward (the teacher has not changed in between) with the same result and
+        # one forward per teacher and step. Train-mode teachers would mix the two batches' statistics.
+        self.fold_bank_forward = c["teacher_mode"] == "eval"
+        self.bank_input: BankInput | None = None
 
     def networks(self) -> Networks:
         c = self.ccfg
@@ -152,7 +170,9 @@ class CTT(Method):
 
         # 1. Each teacher labels the weak view; ClassMix mixes each student's strong view by the OTHER
         #    teacher's pseudo-label (S_A sees strong view 1, S_B strong view 2).
-        teacher_a, teacher_b = self.teach(self.teacher_a, img_u_w), self.teach(self.teacher_b, img_u_w)
+        #    The teachers also give the banks the last step's labeled pixels (when it left any).
+        bank_input, self.bank_input = self.bank_input, None
+        teacher_a, teacher_b = self.teach("a", img_u_w, bank_input), self.teach("b", img_u_w, bank_input)
         view_a = self.mixed_view(img_u_s1, valid_u, teacher_b)
         view_b = self.mixed_view(img_u_s2, valid_u, teacher_a)
 
@@ -184,12 +204,21 @@ class CTT(Method):
         return losses, stats
 
     @torch.no_grad()
-    def teach(self, teacher, image: torch.Tensor) -> TeacherView:
+    def teach(self, name: str, image: torch.Tensor, bank_input: BankInput | None = None) -> TeacherView:
+        """Teacher `name`'s view of the weak images; with `bank_input`, the same forward also feeds its
+        bank from those labeled images."""
+        teacher = getattr(self, f"teacher_{name}")
         teacher.train(self.ccfg["teacher_mode"] == "train")
-        if not self.negatives:
+        if not self.negatives and bank_input is None:
             return TeacherView(teacher(image).float().softmax(dim=1))
-        out = teacher(image, features=True)
-        return TeacherView(out.logits.float().softmax(dim=1), out.decoder, out.logits_low)
+        if bank_input is None:
+            out = teacher(image, features=True)
+        else:
+            both = teacher(torch.cat((image, bank_input.image)), features=True)
+            out, labeled = both.split([image.shape[0], bank_input.image.shape[0]])
+            self.push_bank(name, labeled, bank_input.mask)
+        prob = out.logits.float().softmax(dim=1)
+        return TeacherView(prob, out.decoder, out.logits_low) if self.negatives else TeacherView(prob)
 
     def mixed_view(self, image: torch.Tensor, valid: torch.Tensor, teacher: TeacherView) -> MixedView:
         """Mixing the teacher's pseudo-label and confidence equals taking them from its mixed softmax."""
@@ -298,17 +327,20 @@ class CTT(Method):
         p, self.pending = self.pending, None
         with torch.no_grad():  # under the engine's autocast, as step()
             for name in "ab":
-                self.push_bank(name, p.img_x, p.mask_x)
                 if self.negatives:
                     self.push_negatives(name, p)
+                if not self.fold_bank_forward:
+                    teacher = getattr(self, f"teacher_{name}")
+                    teacher.train(self.ccfg["teacher_mode"] == "train")
+                    self.push_bank(name, teacher(p.img_x, features=True), p.mask_x)
+        if self.fold_bank_forward:  # the next step's teacher pass feeds the banks
+            self.bank_input = BankInput(p.img_x, p.mask_x)
 
-    def push_bank(self, name: str, img_x: torch.Tensor, mask_x: torch.Tensor) -> None:
-        """Bank: the updated teacher's features of the labeled pixels it gets right with confidence, the
-        most confident bank_per_step per class and process, from every process."""
+    def push_bank(self, name: str, out, mask_x: torch.Tensor) -> None:
+        """Bank: the updated teacher's features (its SegmentationOutput `out` of the labeled images) of
+        the pixels it gets right with confidence, the most confident bank_per_step per class and process,
+        from every process."""
         c = self.ccfg
-        teacher = getattr(self, f"teacher_{name}")
-        teacher.train(c["teacher_mode"] == "train")
-        out = teacher(img_x, features=True)
         grid = tuple(out.decoder.shape[-2:])
         label = sample_to_grid(mask_x, grid).flatten()
         candidate, score = bank_candidates(
@@ -331,10 +363,11 @@ class CTT(Method):
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {
+        state = {
             "banks": {n: q.state_dict() for n, q in self.banks.items()},
             "queues": {n: q.state_dict() for n, q in self.queues.items()},
         }
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"banks", "queues"}:
@@ -342,6 +375,22 @@ class CTT(Method):
         for n in "ab":
             self.banks[n].load_state_dict(state["banks"][n])
             self.queues[n].load_state_dict(state["queues"][n])
+
+    def rank_state_dict(self) -> dict:
+        """This process's labeled batch that the banks have yet to take (each process its own)."""
+        if self.bank_input is None:
+            return {}
+        return {"bank_input": {"image": self.bank_input.image, "mask": self.bank_input.mask}}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """{} (a checkpoint of another number of processes): the banks miss that one labeled batch."""
+        if set(state) - {"bank_input"}:
+            raise ValueError(f"CTT's per-process state is its bank input; the checkpoint has {sorted(state)}")
+        self.bank_input = None
+        if "bank_input" in state:
+            device = self.banks["a"].features.device
+            pending = state["bank_input"]
+            self.bank_input = BankInput(pending["image"].to(device), pending["mask"].to(device))
 
 
 METHOD = CTT

@@ -379,10 +379,42 @@ def test_step_runs_the_forwards_its_terms_need_and_no_other(tiny_config, preset)
     banks = {n: q.state_dict() for n, q in method.banks.items()}
     method.after_optimizer_step()
     assert all(t.updates == 1 for t in (method.teacher_a, method.teacher_b))
-    # the banks are fed from the updated teachers' forward of the labeled batch: none when released
-    extra = 0 if preset == "released" else 1
-    assert calls == {"student_a": 1, "student_b": 1, "teacher_a": 1 + extra, "teacher_b": 1 + extra}
-    assert all(torch.equal(q.features, banks[n]["features"]) for n, q in method.banks.items()) == (not extra)
+    assert calls == {"student_a": 1, "student_b": 1, "teacher_a": 1, "teacher_b": 1}
+    assert all(torch.equal(q.features, banks[n]["features"]) for n, q in method.banks.items())
+    # the updated teachers' forward of that labeled batch feeds the banks (none when released): it joins
+    # the next step's weak-view forward, one forward per network again
+    assert (method.bank_input is None) == (preset == "released")
+    method.step(make_batch(B=2, H=33, W=33, K=6, seed=1))
+    assert calls == {"student_a": 2, "student_b": 2, "teacher_a": 2, "teacher_b": 2}
+    fed = not all(torch.equal(q.features, banks[n]["features"]) for n, q in method.banks.items())
+    assert fed == (preset != "released")
+
+
+@pytest.mark.parametrize("teacher_mode", ["eval", "train"])
+def test_banks_fed_in_the_next_teacher_pass_equal_a_forward_of_their_own(tiny_config, teacher_mode):
+    """The eval-mode teachers' bank forward, folded into the next step's weak-view pass, fills the banks
+    (and so the next contrast terms) as a separate forward after the optimizer step does; a train-mode
+    teacher runs it separately."""
+    from tests.test_unimatch_step import make_batch
+
+    overrides = ["ctt.contrast_thresh=0.3", "ctt.bank_thresh=0", f"ctt.teacher_mode={teacher_mode}"]
+    results = []
+    for fold in (True, False):
+        method, _ = make_ctt(tiny_config, *overrides)
+        assert method.fold_bank_forward == (teacher_mode == "eval")
+        method.fold_bank_forward = fold and teacher_mode == "eval"
+        torch.manual_seed(0)
+        method.step(make_batch(B=2, H=33, W=33, K=6))
+        method.after_optimizer_step()
+        torch.manual_seed(1)
+        losses, _ = method.step(make_batch(B=2, H=33, W=33, K=6, seed=1))
+        assert all(int(q.count.sum()) > 0 for q in method.banks.values())
+        results.append(({n: q.state_dict() for n, q in method.banks.items()}, losses))
+    (banks, losses), (banks_alone, losses_alone) = results
+    for n in "ab":
+        assert torch.equal(banks[n]["count"], banks_alone[n]["count"])
+        torch.testing.assert_close(banks[n]["features"], banks_alone[n]["features"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(losses, losses_alone, atol=1e-5, rtol=1e-4)
 
 
 def test_gradients_reach_each_student_through_its_own_terms_only(tiny_config):

@@ -43,11 +43,11 @@ class NonFiniteGuard:
         self.first = 0  # the first iteration of the current streak
         self.last = ""  # what was non-finite in the last skipped step
 
-    def before_step(self, method_state: dict) -> None:
+    def before_step(self, method) -> None:
         if self.buffers:
             torch._foreach_copy_(self.buffer_backup, self.buffers)
         # What the method carries may change inside its step: keep a copy to put back on a skip.
-        self.method_backup = clone_tensors(method_state)
+        self.method_backup = clone_tensors((method.state_dict(), method.rank_state_dict()))
 
     def flags(self, values: torch.Tensor, stop_requested: bool = False) -> torch.Tensor:
         """(world_size, 2 + len(values)) 0/1 flags: gradients, each loss value, a stop request, per rank.
@@ -100,7 +100,9 @@ class NonFiniteGuard:
         """Put buffers and method state back; count and report the skipped step."""
         if self.buffers:
             torch._foreach_copy_(self.buffers, self.buffer_backup)
-        method.load_state_dict(self.method_backup)
+        shared, own = self.method_backup
+        method.load_state_dict(shared)
+        method.load_rank_state_dict(own)
         parts = [
             f"loss term '{name}' on rank {', '.join(map(str, ranks))}" for name, ranks in bad_terms.items()
         ]

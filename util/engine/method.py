@@ -115,11 +115,25 @@ class Method:
         teachers update here."""
 
     def state_dict(self) -> dict:
-        """What the method carries between steps besides its networks (memories, banks, queues)."""
+        """What the method carries between steps besides its networks (memories, banks, queues), the same
+        on every process: checkpoints hold one copy."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(
                 f"{type(self).__name__} carries no state, but the checkpoint has {sorted(state)}"
+            )
+
+    def rank_state_dict(self) -> dict:
+        """What this process carries between steps that the others do not (its own last batch):
+        checkpoints hold every process's, and a resume gives each its own back."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """`state` from rank_state_dict(); {} when the checkpoint has none for this process (it was
+        written by another number of processes, or before the method had such state)."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} carries no per-process state, but the checkpoint has {sorted(state)}"
             )

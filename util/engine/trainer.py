@@ -66,13 +66,15 @@ def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float) -> f
     return base_lr * (1 - (iteration - 1) / total_iters) ** power
 
 
-def to_device(batch, device):
+def to_device(batch, device, non_blocking: bool = True):
+    """The tensors of a (nested) batch on `device`; asynchronous copies unless `non_blocking` is False
+    (a copy to the CPU that is read at once)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device, non_blocking) for b in batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
     return batch
 
 
@@ -224,7 +226,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         self.method.iteration = self.iteration
-        self.guard.before_step(self.method.state_dict())
+        self.guard.before_step(self.method)
         with self.autocast():
             losses, stats = self.method.step(batch)
         loss = sum(losses.values())
@@ -345,6 +347,7 @@ class Trainer:
         # the ranks agree on it first (otherwise a resumed run restarts every rank from rank 0's statistics).
         self.sync_batchnorm_stats()
         deploy = self.networks.deploy[0]
+        own = to_device(self.method.rank_state_dict(), "cpu", non_blocking=False)
         return {
             "networks": {name: net.state_dict() for name, net in self.networks.all.items()},
             "model": self.method.deploy_state(deploy, self.networks.all[deploy]),  # for eval.py
@@ -353,6 +356,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
+            "method_per_rank": self._gather(own),
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "best_iteration": self.best_iteration,
@@ -422,7 +426,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
-        if state["world_size"] == self.dist.world_size:
+        same_ranks = state["world_size"] == self.dist.world_size
+        per_rank = state.get("method_per_rank")  # checkpoints from before it existed: none
+        self.method.load_rank_state_dict(per_rank[self.dist.rank] if same_ranks and per_rank else {})
+        if same_ranks:
             set_rng_state(state["rng"][self.dist.rank])
             own = state.get("batchnorm_per_rank")  # written by a stop on a signal (_own_batchnorm_state)
             for buf, value in zip(self.batchnorm_buffers(), own[self.dist.rank] if own else ()):
