@@ -99,9 +99,11 @@ class DUEB(Method):
         mask_x: torch.Tensor,
         label: torch.Tensor,
         weight: torch.Tensor,
+        noise: torch.Tensor | None,
     ) -> dict:
         """One branch's terms: supervised CE, the confidence-weighted CE on its pseudo-label, and its energy
-        and aleatoric terms on the labeled (x0.5, as released) and the CutMixed images (x1)."""
+        and aleatoric terms on the labeled (x0.5, as released) and the CutMixed images (x1). `noise`: the
+        aleatoric term's standard normal draws (B, T, K, H, W)."""
         cfg = self.cfg["dueb"]
         sizes = [num_labeled, label.shape[0]]
         logits_x, logits_u = out.logits.split(sizes)
@@ -119,9 +121,6 @@ class DUEB(Method):
             losses["energy"] = w_x * energy_x + w_u * energy_u
         if self.aleatoric != "off":
             released = self.aleatoric == "released"
-            # the T Monte-Carlo samples of every image in one draw (global generator, on the device)
-            B, K, H, W = out.logits.shape
-            noise = torch.randn((B, cfg["mc_samples"], K, H, W), device=out.logits.device)
             noise_x, noise_u = noise.split(sizes)
             variance_x, variance_u = out.variance.split(sizes)
             aleatoric_x = aleatoric_loss(logits_x, variance_x, mask_x, noise_x, released)
@@ -155,8 +154,18 @@ class DUEB(Method):
         num_labeled = img_x.shape[0]
         inputs = torch.cat((img_x, img_mixed))
         out_1, out_2 = self.forward_branch(1, inputs), self.forward_branch(2, inputs)
-        losses_1 = self.branch_losses(out_1, num_labeled, mask_x, targets.inter_label, targets.inter_weight)
-        losses_2 = self.branch_losses(out_2, num_labeled, mask_x, targets.union_label, targets.union_weight)
+        # The aleatoric term's T Monte-Carlo samples of every image in one draw (global generator, on the
+        # device), shared by the branches: each branch's loss is a function of its own parameters, so each
+        # still sees independent standard normal draws, and the draws (the costliest part of the term on a
+        # CPU) are made once.
+        noise = None
+        if self.aleatoric != "off":
+            B, K, H, W = out_1.logits.shape
+            noise = torch.randn((B, cfg["mc_samples"], K, H, W), device=out_1.logits.device)
+        targets_1 = (targets.inter_label, targets.inter_weight, noise)
+        targets_2 = (targets.union_label, targets.union_weight, noise)
+        losses_1 = self.branch_losses(out_1, num_labeled, mask_x, *targets_1)
+        losses_2 = self.branch_losses(out_2, num_labeled, mask_x, *targets_2)
         losses = {name: losses_1[name] + losses_2[name] for name in losses_1}
 
         stats = {
