@@ -1,5 +1,6 @@
 """Speed options give the same training: channels_last and torch.compile against the plain engine, the
-fused SGD against the per-tensor loop, amp 'auto', and the forward passes of UniMatch's step."""
+fused SGD against the per-tensor loop, ASPP's trimmed dilated kernels against whole ones, amp 'auto', and
+the forward passes of UniMatch's step."""
 
 import pytest
 import torch
@@ -25,6 +26,35 @@ def losses_of_steps(method_cls, config_path, steps, **overrides):
         trainer.iteration += 1
         if len(losses) == steps:
             return losses, trainer
+
+
+# dilation, map size, the kernel that runs (a 3x3 kernel with dilation d on an h x w map)
+TRIMS = [(12, (9, 9), (1, 1)), (6, (5, 9), (1, 3)), (6, (9, 5), (3, 1)), (6, (9, 9), (3, 3)),
+         (2, (4, 4), (3, 3))]  # fmt: skip
+
+
+@pytest.mark.parametrize("dilation, size, kernel", TRIMS)
+def test_dilated_kernel_leaves_out_taps_that_see_only_padding(monkeypatch, dilation, size, kernel):
+    """The trimmed kernel gives the whole kernel's output and gradients (input and weight) on maps no
+    larger than the dilation in one or both directions, and runs the whole kernel otherwise."""
+    import torch.nn.functional as F
+
+    from model.semseg.deeplabv3plus import AtrousConv2d
+
+    torch.manual_seed(0)
+    conv = AtrousConv2d(6, 4, dilation)
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    conv2d, kernels = F.conv2d, []
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a: kernels.append(tuple(w.shape[-2:])) or conv2d(x, w, *a))
+    results = []
+    for skip in (True, False):
+        conv.skip_padding_taps = skip
+        out = conv(x)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), [x, conv.weight])))
+    assert kernels == [kernel, (3, 3)]
+    for trimmed, whole in zip(*results):
+        torch.testing.assert_close(trimmed, whole)
 
 
 def test_channels_last_gives_the_same_losses(tiny_config):

@@ -14,11 +14,11 @@ average over the timed rounds. On a GPU also the peak memory of each row's steps
 
 `--released-settings` (2 CPU threads) and `--voc-settings` (a GPU) build their configuration on a
 generated dataset in a temporary folder. `--released-settings` also times each method as this project
-ran it before issue 15 (`before`: NCHW tensors, the per-tensor SGD loop, the released feature-perturbation
-pass) and prints the released code's times measured earlier (see RELEASED_SECONDS), with two ratios to
-them: direct (fair only on a machine as quiet as then) and chained through `before`, which was measured
-against the released code in that same earlier sitting (fair at any load). It also counts each method's
-forward passes per step and how many reach a loss (tools/passes.py says how).
+ran it before issue 15 (`before`: NCHW tensors, the per-tensor SGD loop, whole ASPP kernels, the released
+feature-perturbation pass) and prints the released code's times measured earlier (see RELEASED_SECONDS),
+with two ratios to them: direct (fair only on a machine as quiet as then) and chained through `before`,
+which was measured against the released code in that same earlier sitting (fair at any load). It also
+counts each method's forward passes per step and how many reach a loss (tools/passes.py says how).
 """
 
 import argparse
@@ -37,6 +37,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from model.semseg.deeplabv3plus import AtrousConv2d  # noqa: E402
 from tools.passes import count_passes  # noqa: E402
 from util.config import load_config  # noqa: E402
 from util.engine import Trainer, prepare_demo_data  # noqa: E402
@@ -54,7 +55,8 @@ RELEASED_SETTINGS = {
 # repository), and this project as it was then (the `before` rows re-create it).
 RELEASED_SECONDS = {"supervised": 0.62, "unimatch": 1.97, "UCCL": 3.37, "MLCL": 3.04}
 EARLIER_SECONDS = {"supervised": 0.50, "unimatch": 1.94, "UCCL": 1.96, "MLCL": 2.24}
-# This project before issue 15: NCHW tensors and the released FP pass (plus the per-tensor SGD loop).
+# This project before issue 15: NCHW tensors and the released FP pass (plus the per-tensor SGD loop and
+# whole ASPP kernels, set in build_row).
 BEFORE = ["channels_last=false", "unimatch.fp_labeled=true"]
 # Pascal VOC's training settings on one GPU (R101, crop 321, batch 8), for GPU measurements.
 VOC_SETTINGS = {**RELEASED_SETTINGS, "backbone": "resnet101", "crop_size": 321, "batch_size": 8}
@@ -110,6 +112,10 @@ def build_row(method: str, cfg: dict, extra: list[str], root: str, count: int, b
     if before:
         with mock.patch.object(trainer_module, "build_optimizer", plain_sgd):
             trainer = Trainer(method_cls, run_cfg, save_path=None)
+        for net in trainer.networks.all.values():  # whole ASPP kernels, as before issue 15
+            for module in net.modules():
+                if isinstance(module, AtrousConv2d):
+                    module.skip_padding_taps = False
     else:
         trainer = Trainer(method_cls, run_cfg, save_path=None)
     batches = []
