@@ -20,8 +20,10 @@ CISC map S. The default, `ciscr.mode: staged`, is the paper's pipeline (ST++'s s
 
 `save_path/stage1`, `stage4`, `stage6` are ordinary training folders (resumed like any run),
 `pseudo_labels/stage2`, `stage5` hold one PNG per image, `selection/` the ranked lists, `stages.json` the
-stages done. Running the same command again continues inside the stage that was interrupted; a finished
-stage is never redone. `ciscr.mode: online` instead runs one UniMatch loop in which an EMA teacher's CISC
+stages done, and `evals.jsonl` (written at the end) every training stage's evaluations, counted in
+iterations from the start of stage 1, of which stage 6's score the run (tools/compare.py). Running the
+same command again continues inside the stage that was interrupted; a finished stage is never redone.
+`ciscr.mode: online` instead runs one UniMatch loop in which an EMA teacher's CISC
 map rectifies the unlabeled losses (a variant that is not in the paper; README, docs/DIFFERENCES.md).
 """
 
@@ -336,6 +338,32 @@ def all_gather(rows: list) -> list:
     return [row for part in gathered for row in part]
 
 
+TRAINING_STAGES = ("stage1", "stage4", "stage6")
+
+
+def combine_stage_evals(root: str) -> str:
+    """root/evals.jsonl from the training stages' own: their evaluations in one list, iterations counted
+    from the start of stage 1 and `total_iters` the three stages' sum, so that the staged run reads like
+    any other (tools/compare.py). Only the last stage's network is the run's result: only its records are
+    `deploy` candidates. Returns the path."""
+    stages = []
+    for stage in TRAINING_STAGES:
+        with open(os.path.join(root, stage, "evals.jsonl")) as f:
+            stages.append([json.loads(line) for line in f if line.strip()])
+    total = sum(records[-1]["total_iters"] for records in stages)
+    offset, lines = 0, []
+    for stage, records in zip(TRAINING_STAGES, stages):
+        for record in records:
+            combined = {**record, "iteration": offset + record["iteration"], "total_iters": total}
+            combined.update(network=f"{stage}/{record['network']}", stage=stage)
+            combined["deploy"] = stage == TRAINING_STAGES[-1] and record.get("deploy", True)
+            lines.append(json.dumps(combined))
+        offset += records[-1]["total_iters"]
+    path = os.path.join(root, "evals.jsonl")
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
 class StagedPipeline:
     """The six stages, each skipped when `stages.json` says it finished. `fit()` runs what is left and
     returns the final network's best val mIoU; util.engine.run turns its faults into exit statuses."""
@@ -563,9 +591,10 @@ class StagedPipeline:
         trained_on += self.labeled_by("stage5", unreliable)
         self.stage("stage6", lambda: self.retrain("stage6", "stage4", 2, trained_on, query_lists))
 
-        if self.dist.is_main:  # the result where eval.py and the other methods have it
+        if self.dist.is_main:  # the result and its evaluations where eval.py and compare.py look
             with open(os.path.join(self.root, "stage6", "best.pth"), "rb") as f:
                 write_atomic(os.path.join(self.root, "best.pth"), f.read())
+            combine_stage_evals(self.root)
         done = self.manifest["done"]
         summary = ", ".join(f"{s} {done[s]['best_miou']:.2f}" for s in ("stage1", "stage4", "stage6"))
         logger.info(f"CISC-R done: best val mIoU {summary}; result in {os.path.join(self.root, 'best.pth')}")

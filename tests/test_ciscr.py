@@ -429,6 +429,18 @@ def test_one_command_runs_every_stage(data):
     stage1 = weights(save / "stage1" / "best.pth")
     assert all(torch.equal(stage4["teacher"][k], stage1[k]) for k in stage1), "stage 4's teacher is not M1"
 
+    # evals.jsonl: the stages' evaluations on one iteration count; the run scores with stage 6's network
+    from tools.compare import Run, read_run
+
+    records = [json.loads(line) for line in (save / "evals.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["iteration"]) for r in records] == [
+        ("stage1", 3), ("stage1", 4), ("stage4", 7), ("stage4", 8), ("stage6", 11), ("stage6", 12)
+    ]  # fmt: skip
+    assert all(r["total_iters"] == 12 and r["deploy"] == (r["stage"] == "stage6") for r in records)
+    run = read_run(Run("CISCR", 0, str(save)), None, 1)
+    assert (run.status, run.iteration, run.final_iteration) == ("finished", 12, 12)
+    assert run.best_miou == pytest.approx(manifest["done"]["stage6"]["best_miou"])
+
 
 def test_sigkills_in_pseudo_labelling_and_in_a_later_stage_resume_to_the_same_weights(data):
     save, straight = data["dir"] / "killed", data["straight"]
