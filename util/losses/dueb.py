@@ -155,11 +155,11 @@ def aleatoric_loss(
     num_valid = valid.sum().clamp(min=1)
     # T next to K: the variance's gradient sums over adjacent dimensions (the loss runs ~25% faster on a CPU)
     sigma = (variance + 1e-15).sqrt().unsqueeze(1)  # (B, 1, 1, H, W), shared by the T samples and K classes
-    perturbation = sigma * noise  # (B, T, K, H, W)
     if released:
-        perturbation = perturbation.detach()
+        sigma = sigma.detach()
+    samples = torch.addcmul(logits.unsqueeze(1), sigma, noise)  # (B, T, K, H, W) in one pass
     ce_clean = _target_nll(logits.log_softmax(dim=1), label)  # (B, H, W)
-    ce_noisy = _target_nll((logits.unsqueeze(1) + perturbation).log_softmax(dim=2), label)  # (B, T, H, W)
+    ce_noisy = _target_nll(samples.log_softmax(dim=2), label)  # (B, T, H, W)
     depressor = variance.squeeze(1).exp() - 1  # (B, H, W)
     if released:
         ce0 = (ce_clean * valid).sum() / num_valid
