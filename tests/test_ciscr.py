@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 from CISCR import CrossImageSupervised, RectifiedSelfTraining
 from dataset.query import LabeledClasses, PartnerQuery, covering
 from dataset.semi import read_split
 from model import build_model
-from tests.conftest import make_method
+from tests.conftest import make_method, method_section
 from tests.test_training import ROOT, TINY, run, weights
-from util.config import ConfigError, defaults, load_config
+from util.config import ConfigError, load_config
 from util.losses import cross_entropy
 from util.losses.ciscr import (
     choose_shared_classes,
@@ -365,10 +364,7 @@ def test_recrop_loop_stops_after_max_recrops(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("name", ["pascal", "cityscapes", "coco", "demo"])
 def test_configs_state_only_what_differs_from_the_ciscr_defaults(name):
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
-    raw = yaml.safe_load(open(path)).get("ciscr") or {}
-    assert all(value != defaults()["ciscr"][key] for key, value in raw.items()), "a default restated"
-    c = load_config(path)["ciscr"]
+    c = method_section(name, "ciscr")
     assert c["min_class_area"] == 0.03 and c["shared_classes"] == 1 and c["reliable_fraction"] == 0.5
     assert c["tta_scales"] == [0.5, 0.75, 1.0, 1.5, 2.0] and c["tta_flip"]
     assert c["exclude_background"] == (name != "cityscapes")

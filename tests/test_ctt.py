@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests import ctt_ranks
+from tests.conftest import method_section
 from tests.test_engine_networks import same
 from util.losses import ctt as L
 
@@ -548,14 +549,5 @@ def test_two_processes_stay_identical_and_resume_bit_identically_after_sigkill(t
 
 @pytest.mark.parametrize("name", ["pascal", "cityscapes", "coco", "demo"])
 def test_configs_state_only_what_differs_from_the_ctt_defaults(name):
-    import os
-
-    import yaml
-
-    from util.config import defaults, load_config
-
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
-    raw = yaml.safe_load(open(path)).get("ctt") or {}
-    assert all(value != defaults()["ctt"][key] for key, value in raw.items()), "a default restated"
-    cfg = load_config(path)["ctt"]
+    cfg = method_section(name, "ctt")
     assert cfg["preset"] == "default" and cfg["ct_thresh"] == (0.8 if name == "demo" else 0.968)

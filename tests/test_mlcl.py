@@ -2,7 +2,6 @@
 (EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, and real runs."""
 
 import math
-import os
 import sys
 
 import pytest
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from MLCL import MLCL
 from tests import mlcl_ranks
-from tests.conftest import make_method
+from tests.conftest import make_method, method_section
 from tests.test_training import TINY, run, weights
 from tests.test_unimatch_step import make_batch
 from util.config import ConfigError, defaults, load_config
@@ -445,12 +444,7 @@ def test_mlcl_step_returns_unimatch_terms_plus_weighted_mlcl_terms():
 # -------------------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("name", ["pascal", "cityscapes", "coco", "demo"])
 def test_configs_state_only_what_differs_from_the_mlcl_defaults(name):
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
-    import yaml
-
-    raw = yaml.safe_load(open(path)).get("mlcl") or {}
-    assert all(value != defaults()["mlcl"][key] for key, value in raw.items()), "a default restated"
-    cfg = load_config(path)["mlcl"]
+    cfg = method_section(name, "mlcl")
     assert cfg["p2p_weight"] == 0.1 and cfg["proto_weight"] == 0.01 and cfg["sai_weight"] == 0.01
     assert cfg["momentum"] == 0.99 and cfg["anchor_thresh"] == (0.8 if name == "demo" else 0.95)
 
