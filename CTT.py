@@ -207,8 +207,7 @@ class CTT(Method):
     def teach(self, name: str, image: torch.Tensor, bank_input: BankInput | None = None) -> TeacherView:
         """Teacher `name`'s view of the weak images; with `bank_input`, the same forward also feeds its
         bank from those labeled images."""
-        teacher = getattr(self, f"teacher_{name}")
-        teacher.train(self.ccfg["teacher_mode"] == "train")
+        teacher = self.teacher(name)
         if not self.negatives and bank_input is None:
             return TeacherView(teacher(image).float().softmax(dim=1))
         if bank_input is None:
@@ -219,6 +218,12 @@ class CTT(Method):
             self.push_bank(name, labeled, bank_input.mask)
         prob = out.logits.float().softmax(dim=1)
         return TeacherView(prob, out.decoder, out.logits_low) if self.negatives else TeacherView(prob)
+
+    def teacher(self, name: str):
+        """Teacher `name` ('a' or 'b') in the mode its forwards run in (ctt.teacher_mode)."""
+        teacher = getattr(self, f"teacher_{name}")
+        teacher.train(self.ccfg["teacher_mode"] == "train")
+        return teacher
 
     def mixed_view(self, image: torch.Tensor, valid: torch.Tensor, teacher: TeacherView) -> MixedView:
         """Mixing the teacher's pseudo-label and confidence equals taking them from its mixed softmax."""
@@ -330,9 +335,7 @@ class CTT(Method):
                 if self.negatives:
                     self.push_negatives(name, p)
                 if not self.fold_bank_forward:
-                    teacher = getattr(self, f"teacher_{name}")
-                    teacher.train(self.ccfg["teacher_mode"] == "train")
-                    self.push_bank(name, teacher(p.img_x, features=True), p.mask_x)
+                    self.push_bank(name, self.teacher(name)(p.img_x, features=True), p.mask_x)
         if self.fold_bank_forward:  # the next step's teacher pass feeds the banks
             self.bank_input = BankInput(p.img_x, p.mask_x)
 
