@@ -24,9 +24,11 @@ from util.losses.dueb import (
     aleatoric_loss,
     conflict_rates,
     confusion_counts,
+    elu,
     energy_loss,
     global_cross_labels,
     intersection_union_labels,
+    noisy_target_nll,
     weighted_cross_entropy,
 )
 
@@ -242,6 +244,34 @@ def test_aleatoric_gradient_reaches_the_variance_through_the_samples_only_in_pap
     depressor = variance.exp() * (label != IGNORE).unsqueeze(1) / (label != IGNORE).sum()
     assert (grads[False] - depressor).abs().max() > 1e-4
     assert (grads[False][(label == IGNORE).unsqueeze(1)] == 0).all()
+
+
+def test_hand_written_gradients_equal_autograd_of_the_plain_formulas():
+    logits, variance, label, noise = (t.double() if t.is_floating_point() else t for t in aleatoric_inputs(4))
+    label = label.clamp(max=logits.shape[1] - 1)
+    logits = logits.to(memory_format=torch.channels_last).requires_grad_()  # as the model gives them
+    sigma = variance.sqrt().unsqueeze(1).requires_grad_()
+    upstream = torch.rand(noise.shape[0], noise.shape[1], *label.shape[1:], dtype=torch.double)
+    got = noisy_target_nll(logits, sigma, noise, label)
+    grads = torch.autograd.grad((got * upstream).sum(), (logits, sigma))
+    samples = logits.unsqueeze(1) + sigma * noise
+    plain = (
+        -samples.log_softmax(dim=2).gather(2, label[:, None, None].expand_as(samples[:, :, :1])).squeeze(2)
+    )
+    expected = torch.autograd.grad((plain * upstream).sum(), (logits, sigma))
+    assert torch.allclose(got, plain)
+    assert all(torch.allclose(g, e) for g, e in zip(grads, expected))
+    # the samples' memory is reused by the backward pass: a second one fails instead of returning garbage
+    got = noisy_target_nll(logits, sigma, noise, label).sum()
+    got.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        got.backward()
+
+    x = torch.tensor([-100.0, -3.0, -1e-4, 0.0, 1e-4, 2.0], dtype=torch.double, requires_grad=True)
+    assert torch.allclose(elu(x), F.elu(x))
+    (grad,) = torch.autograd.grad(elu(x).sum(), x)
+    (expected,) = torch.autograd.grad(F.elu(x).sum(), x)
+    assert torch.allclose(grad, expected)
 
 
 @pytest.mark.parametrize("released", [False, True])

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from util.dist import get_world_size
 from util.losses.mlcl import select_by_similarity
 
-# A finite stand-in for -inf in masked log-sum-exps: all-masked rows give exp(...) = 0 and a zero
-# gradient, where -inf would give NaN gradients.
+# A finite stand-in for -inf: the log-sum-exp of an empty set, so that its gradients stay zero, not NaN.
 MASKED = torch.finfo(torch.float32).min
+# Below about -87, exp in float32 underflows, and CPUs take a path 10-30 times slower than for normal inputs.
+EXP_FLOOR = -80.0
 
 
 # --------------------------------------------------------------------------------------------- ClassMix
@@ -148,6 +149,22 @@ def round_robin(index: torch.Tensor, chosen: torch.Tensor, budget: int) -> tuple
     return index.flatten()[order], label.flatten()[order], chosen.flatten()[order]
 
 
+def masked_logsumexp(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """log sum_j exp(values[..., j]) over the entries whose weight (0 or 1, broadcastable to values) is 1.
+    Returns (..., 1); a row with no entry gets a value about 87 below its smallest, whose exp vanishes next
+    to any other term, and a zero gradient.
+
+    Written out rather than torch.logsumexp of a masked_fill(-large): exp would then see the masked
+    entries (CPUs take their slow path for each), and masked_fill is slow on CPUs. Here exp only sees
+    values in [EXP_FLOOR, 0].
+    """
+    span = (values.amax() - values.amin()).detach() + 1.0
+    peak = (values - (1 - weight) * span).amax(dim=-1, keepdim=True).detach()  # the largest counted entry
+    shifted = ((values - peak) * weight).clamp(min=EXP_FLOOR)  # counted entries <= 0, the others 0
+    total = (shifted.exp() * weight).sum(dim=-1, keepdim=True)
+    return peak + total.clamp(min=torch.finfo(torch.float32).tiny).log()
+
+
 def info_nce(
     positive: torch.Tensor,
     positive_mask: torch.Tensor,
@@ -159,38 +176,48 @@ def info_nce(
 ) -> torch.Tensor:
     """Class-balanced InfoNCE.
 
-    positive (M, P), negative (M, Q): similarities / temperature of each anchor to its positives and
-    negatives; the masks broadcast to those shapes; label, anchor_mask (M,). For an anchor a and a
+    positive (..., M, P), negative (..., M, Q): similarities / temperature of each anchor to its positives
+    and negatives; the masks broadcast to those shapes; label, anchor_mask (..., M). For an anchor a and a
     positive p: -log(e^s(a,p) / (e^s(a,p) + sum_q e^s(a,q))). Averaged over the anchor's positives, over
-    the anchors of a class, then over the classes that have an anchor with a positive. Zero if none has.
+    the anchors of a class, then over the classes that have an anchor with a positive: (...). Zero if none
+    has. Leading dimensions (one per network) are independent problems.
     """
-    negative = negative.float().masked_fill(~negative_mask, MASKED).logsumexp(dim=-1, keepdim=True)
+    negative = masked_logsumexp(negative.float(), negative_mask.to(torch.float32))  # (..., M, 1)
     positive = positive.float()
-    pair = torch.logaddexp(positive, negative) - positive  # (M, P)
+    # -log(e^p / (e^p + e^n)) = softplus(n - p); a difference below EXP_FLOOR adds less than 1e-34
+    pair = F.softplus((negative - positive).clamp(min=EXP_FLOOR))  # (..., M, P)
     positive_mask = positive_mask.expand_as(pair).to(pair.dtype)
     count = positive_mask.sum(dim=-1)
-    per_anchor = (pair * positive_mask).sum(dim=-1) / count.clamp(min=1)
-    used = F.one_hot(label, nclass).to(pair.dtype) * (anchor_mask & (count > 0))[:, None]  # (M, K)
-    anchors = used.sum(dim=0)
-    per_class = (used * per_anchor[:, None]).sum(dim=0) / anchors.clamp(min=1)
+    per_anchor = (pair * positive_mask).sum(dim=-1) / count.clamp(min=1)  # (..., M)
+    used = F.one_hot(label, nclass).to(pair.dtype) * (anchor_mask & (count > 0))[..., None]  # (..., M, K)
+    anchors = used.sum(dim=-2)
+    per_class = (used * per_anchor[..., None]).sum(dim=-2) / anchors.clamp(min=1)  # (..., K)
     has = (anchors > 0).to(pair.dtype)
-    return (per_class * has).sum() / has.sum().clamp(min=1)
+    return (per_class * has).sum(dim=-1) / has.sum(dim=-1).clamp(min=1)
 
 
-def _similarities(
-    anchors: torch.Tensor, label: torch.Tensor, bank: torch.Tensor, filled: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarities / temperature of unit anchors (M, D) to every bank entry (K, N, D): (M, K, N), and the
-    (M, K N) mask of the filled entries of classes other than the anchor's label."""
-    nclass, entries = bank.shape[:2]
-    similarity = (anchors @ bank.float().flatten(0, 1).t() / temperature).view(-1, nclass, entries)
-    other = label[:, None] != torch.arange(nclass, device=label.device)[None, :]  # (M, K)
-    return similarity, (other[:, :, None] & filled[None]).flatten(1)
+def _similarities(anchors: torch.Tensor, entries: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Similarities / temperature of unit anchors (..., M, D) to entries (..., K, N, D): (..., M, K, N)."""
+    nclass, size = entries.shape[-3:-1]
+    flat = entries.float().flatten(-3, -2)  # (..., K N, D)
+    return (anchors @ flat.transpose(-1, -2) / temperature).unflatten(-1, (nclass, size))
+
+
+def _other_classes(label: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """(..., M, K N) mask of the filled entries (filled (..., K, N)) of classes other than each anchor's."""
+    other = label[..., None] != torch.arange(filled.shape[-2], device=label.device)  # (..., M, K)
+    return (other[..., None] & filled[..., None, :, :]).flatten(-2)
 
 
 def _own_class(values: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """(M, K, N) -> (M, N): each row's entries of its own label."""
-    return values.gather(1, label[:, None, None].expand(-1, 1, values.shape[2])).squeeze(1)
+    """(..., M, K, N) -> (..., M, N): each row's entries of its own label."""
+    index = label[..., None, None].expand(*label.shape, 1, values.shape[-1])
+    return values.gather(-2, index).squeeze(-2)
+
+
+def _rows(table: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(..., K, N) -> (..., M, N): row label[m] of the table for every anchor m."""
+    return table.gather(-2, label[..., None].expand(*label.shape, table.shape[-1]))
 
 
 def hc_loss(
@@ -201,13 +228,12 @@ def hc_loss(
     filled: torch.Tensor,
     temperature: float = 0.1,
 ) -> torch.Tensor:
-    """HC: anchors (M, D) of class `label` against the bank (K, N, D): positives are the filled entries
-    of the anchor's class, negatives the filled entries of every other class. filled (K, N) bool."""
+    """HC: anchors (..., M, D) of class `label` against the bank (..., K, N, D): positives are the filled
+    entries of the anchor's class, negatives the filled entries of every other class. filled (..., K, N)."""
     anchors = F.normalize(anchors.float(), dim=-1)
-    similarity, negative_mask = _similarities(anchors, label, bank, filled, temperature)
-    positive = _own_class(similarity, label)
-    return info_nce(positive, filled[label], similarity.flatten(1), negative_mask, label, anchor_mask,
-                    bank.shape[0])  # fmt: skip
+    similarity = _similarities(anchors, bank, temperature)
+    return info_nce(_own_class(similarity, label), _rows(filled, label), similarity.flatten(-2),
+                    _other_classes(label, filled), label, anchor_mask, bank.shape[-3])  # fmt: skip
 
 
 def lc_loss(
@@ -219,14 +245,14 @@ def lc_loss(
     filled: torch.Tensor,
     temperature: float = 0.5,
 ) -> torch.Tensor:
-    """LC: each anchor (M, D) against the peer network's feature of the same pixel (M, D; no gradient) as
-    its one positive and, as negatives, the filled entries of other classes than `label` of both banks:
-    banks (K, 2N, D) = the two (K, N, D) banks concatenated along the entries, filled (K, 2N)."""
+    """LC: each anchor (..., M, D) against the peer network's feature of the same pixel (..., M, D; no
+    gradient) as its one positive and, as negatives, the filled entries of other classes than `label` of
+    both banks: banks (K, 2N, D) = the two (K, N, D) banks concatenated along the entries, filled (K, 2N)."""
     anchors = F.normalize(anchors.float(), dim=-1)
     positive = (anchors * F.normalize(peer.detach().float(), dim=-1)).sum(dim=-1, keepdim=True)
-    similarity, negative_mask = _similarities(anchors, label, banks, filled, temperature)
-    return info_nce(positive / temperature, anchor_mask[:, None], similarity.flatten(1), negative_mask,
-                    label, anchor_mask, banks.shape[0])  # fmt: skip
+    similarity = _similarities(anchors, banks, temperature)
+    return info_nce(positive / temperature, anchor_mask[..., None], similarity.flatten(-2),
+                    _other_classes(label, filled), label, anchor_mask, banks.shape[-3])  # fmt: skip
 
 
 def negative_queue_loss(
@@ -239,17 +265,18 @@ def negative_queue_loss(
     queue_filled: torch.Tensor,
     temperature: float = 0.5,
 ) -> torch.Tensor:
-    """Unreliable pixels as negatives: anchors (M, D) of class `label` against the prototype of that class
-    (the mean of the bank's filled entries, (K, N, D) with filled (K, N)) as positive and the filled
-    entries of that class's negative queue (K, Q, D), queue_filled (K, Q), as negatives."""
+    """Unreliable pixels as negatives: anchors (..., M, D) of class `label` against the prototype of that
+    class (the mean of the bank's filled entries, (..., K, N, D) with filled (..., K, N)) as positive and the
+    filled entries of that class's negative queue (..., K, Q, D), queue_filled (..., K, Q), as negatives."""
     anchors = F.normalize(anchors.float(), dim=-1)
     weights = filled.to(torch.float32)
-    prototype = torch.einsum("kn,knd->kd", weights, bank.float()) / weights.sum(1, keepdim=True).clamp(min=1)
-    prototype = F.normalize(prototype, dim=-1)[label]  # (M, D)
+    prototype = (weights[..., None] * bank.float()).sum(dim=-2) / weights.sum(-1, keepdim=True).clamp(min=1)
+    prototype = _rows(F.normalize(prototype, dim=-1), label)  # (..., M, D)
     positive = (anchors * prototype).sum(dim=-1, keepdim=True) / temperature
-    similarity, _ = _similarities(anchors, label, queue, queue_filled, temperature)
-    return info_nce(positive, filled.any(dim=1)[label][:, None], _own_class(similarity, label),
-                    queue_filled[label], label, anchor_mask, bank.shape[0])  # fmt: skip
+    has_prototype = _rows(filled.any(dim=-1, keepdim=True), label)  # (..., M, 1)
+    similarity = _own_class(_similarities(anchors, queue, temperature), label)  # (..., M, Q)
+    return info_nce(positive, has_prototype, similarity, _rows(queue_filled, label), label, anchor_mask,
+                    bank.shape[-3])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the queues
