@@ -178,6 +178,26 @@ def test_round_robin_shares_the_anchor_budget_among_the_classes_present():
     assert not mask[5:].any()
 
 
+def test_masked_logsumexp_equals_logsumexp_over_the_counted_entries():
+    g = torch.Generator().manual_seed(3)
+    tau = L.MIN_TEMPERATURE
+    cosine = torch.rand(5, 7, generator=g) * 2 - 1
+    cosine[0, 0], cosine[0, 1] = 1.0, -1.0  # the extremes: exp sees 0 and -2 / tau = -80
+    values = (cosine / tau).requires_grad_()
+    weight = (torch.rand(5, 7, generator=g) < 0.6).float()
+    weight[0, :2] = 1
+    weight[3] = 0  # a row with no counted entry
+    got = L.masked_logsumexp(values, weight, 1 / tau)
+    (grad,) = torch.autograd.grad(got.sum(), values)
+    expected = values.detach().masked_fill(weight == 0, float("-inf")).logsumexp(dim=-1, keepdim=True)
+    rows = [0, 1, 2, 4]
+    assert torch.allclose(got[rows], expected[rows])
+    assert got[3].item() == L.MASKED
+    softmax = torch.softmax(values.detach().masked_fill(weight == 0, float("-inf"))[rows], dim=-1)
+    # the empty row reaches the sum, and its gradient is zero, not NaN
+    assert torch.allclose(grad[rows], softmax) and torch.equal(grad[3], torch.zeros(7))
+
+
 def nce_reference(anchor, positives, negatives, tau):
     """mean over positives of -log(e^s(a,p) / (e^s(a,p) + sum_n e^s(a,n))), similarities cosine / tau."""
     terms = []

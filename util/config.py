@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from model.weights import pretrained_problem
+from util.losses.ctt import MIN_TEMPERATURE
 
 
 class ConfigError(ValueError):
@@ -320,9 +321,9 @@ SCHEMA: dict[str, Any] = {
         "hc_weight": _k(float, 0.1, low=0.0, help="HC weight (not in the paper's text or the release)"),
         "lc_weight": _k(float, 0.1, low=0.0, help="LC weight (not in the paper's text or the release)"),
         "neg_weight": _k(float, 0.1, low=0.0, help="unreliable-negatives weight (preset default only)"),
-        "hc_temperature": _k(float, 0.1, low=1e-6),
-        "lc_temperature": _k(float, 0.5, low=1e-6),
-        "neg_temperature": _k(float, 0.5, low=1e-6),
+        "hc_temperature": _k(float, 0.1, low=MIN_TEMPERATURE),
+        "lc_temperature": _k(float, 0.5, low=MIN_TEMPERATURE),
+        "neg_temperature": _k(float, 0.5, low=MIN_TEMPERATURE),
         "contrast_thresh": _k(
             float,
             0.75,

@@ -28,6 +28,8 @@ from util.losses.mlcl import select_by_similarity
 MASKED = torch.finfo(torch.float32).min
 # Below about -87, exp in float32 underflows, and CPUs take a path 10-30 times slower than for normal inputs.
 EXP_FLOOR = -80.0
+# The lowest contrastive temperature: cosine similarities over it stay within +-40 (masked_logsumexp).
+MIN_TEMPERATURE = 0.025
 
 
 # --------------------------------------------------------------------------------------------- ClassMix
@@ -149,20 +151,20 @@ def round_robin(index: torch.Tensor, chosen: torch.Tensor, budget: int) -> tuple
     return index.flatten()[order], label.flatten()[order], chosen.flatten()[order]
 
 
-def masked_logsumexp(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """log sum_j exp(values[..., j]) over the entries whose weight (0 or 1, broadcastable to values) is 1.
-    Returns (..., 1); a row with no entry gets a value about 87 below its smallest, whose exp vanishes next
-    to any other term, and a zero gradient.
+def masked_logsumexp(values: torch.Tensor, weight: torch.Tensor, bound: float) -> torch.Tensor:
+    """log sum_j exp(values[..., j]) over the entries whose weight (0 or 1, broadcastable to values) is 1,
+    for values in [-bound, bound] with bound <= 40 (similarities of unit vectors over a temperature of at
+    least 0.025). Returns (..., 1); MASKED for a row with no entry, with a zero gradient.
 
-    Written out rather than torch.logsumexp of a masked_fill(-large): exp would then see the masked
-    entries (CPUs take their slow path for each), and masked_fill is slow on CPUs. Here exp only sees
-    values in [EXP_FLOOR, 0].
+    The bound stands in for the row maximum: exp then sees values in [-2 bound, 0], which neither overflow
+    nor leave float32's normal range. Written out rather than torch.logsumexp of a masked_fill(-large):
+    exp would see the masked entries (CPUs take their slow path for each), and masked_fill and the row
+    maximum are further passes over the (anchors x entries) matrix.
     """
-    span = (values.amax() - values.amin()).detach() + 1.0
-    peak = (values - (1 - weight) * span).amax(dim=-1, keepdim=True).detach()  # the largest counted entry
-    shifted = ((values - peak) * weight).clamp(min=EXP_FLOOR)  # counted entries <= 0, the others 0
+    shifted = (values - bound) * weight  # the counted entries in [-2 bound, 0], the others 0
     total = (shifted.exp() * weight).sum(dim=-1, keepdim=True)
-    return peak + total.clamp(min=torch.finfo(torch.float32).tiny).log()
+    # the clamp keeps log finite, so that the unselected branch of `where` gets a zero gradient, not NaN
+    return torch.where(total > 0, bound + total.clamp(min=torch.finfo(torch.float32).tiny).log(), MASKED)
 
 
 def info_nce(
@@ -173,16 +175,18 @@ def info_nce(
     label: torch.Tensor,
     anchor_mask: torch.Tensor,
     nclass: int,
+    temperature: float,
 ) -> torch.Tensor:
     """Class-balanced InfoNCE.
 
-    positive (..., M, P), negative (..., M, Q): similarities / temperature of each anchor to its positives
-    and negatives; the masks broadcast to those shapes; label, anchor_mask (..., M). For an anchor a and a
-    positive p: -log(e^s(a,p) / (e^s(a,p) + sum_q e^s(a,q))). Averaged over the anchor's positives, over
-    the anchors of a class, then over the classes that have an anchor with a positive: (...). Zero if none
-    has. Leading dimensions (one per network) are independent problems.
+    positive (..., M, P), negative (..., M, Q): cosine similarities / temperature of each anchor to its
+    positives and negatives; the masks broadcast to those shapes; label, anchor_mask (..., M). For an
+    anchor a and a positive p: -log(e^s(a,p) / (e^s(a,p) + sum_q e^s(a,q))). Averaged over the anchor's
+    positives, over the anchors of a class, then over the classes that have an anchor with a positive:
+    (...). Zero if none has. Leading dimensions (one per network) are independent problems.
     """
-    negative = masked_logsumexp(negative.float(), negative_mask.to(torch.float32))  # (..., M, 1)
+    bound = 1 / temperature  # |cosine| <= 1
+    negative = masked_logsumexp(negative.float(), negative_mask.to(torch.float32), bound)  # (..., M, 1)
     positive = positive.float()
     # -log(e^p / (e^p + e^n)) = softplus(n - p); a difference below EXP_FLOOR adds less than 1e-34
     pair = F.softplus((negative - positive).clamp(min=EXP_FLOOR))  # (..., M, P)
@@ -232,8 +236,9 @@ def hc_loss(
     entries of the anchor's class, negatives the filled entries of every other class. filled (..., K, N)."""
     anchors = F.normalize(anchors.float(), dim=-1)
     similarity = _similarities(anchors, bank, temperature)
-    return info_nce(_own_class(similarity, label), _rows(filled, label), similarity.flatten(-2),
-                    _other_classes(label, filled), label, anchor_mask, bank.shape[-3])  # fmt: skip
+    negative, negative_mask = similarity.flatten(-2), _other_classes(label, filled)
+    return info_nce(_own_class(similarity, label), _rows(filled, label), negative, negative_mask, label,
+                    anchor_mask, bank.shape[-3], temperature)  # fmt: skip
 
 
 def lc_loss(
@@ -251,8 +256,9 @@ def lc_loss(
     anchors = F.normalize(anchors.float(), dim=-1)
     positive = (anchors * F.normalize(peer.detach().float(), dim=-1)).sum(dim=-1, keepdim=True)
     similarity = _similarities(anchors, banks, temperature)
-    return info_nce(positive / temperature, anchor_mask[..., None], similarity.flatten(-2),
-                    _other_classes(label, filled), label, anchor_mask, banks.shape[-3])  # fmt: skip
+    negative, negative_mask = similarity.flatten(-2), _other_classes(label, filled)
+    return info_nce(positive / temperature, anchor_mask[..., None], negative, negative_mask, label,
+                    anchor_mask, banks.shape[-3], temperature)  # fmt: skip
 
 
 def negative_queue_loss(
@@ -276,7 +282,7 @@ def negative_queue_loss(
     has_prototype = _rows(filled.any(dim=-1, keepdim=True), label)  # (..., M, 1)
     similarity = _own_class(_similarities(anchors, queue, temperature), label)  # (..., M, Q)
     return info_nce(positive, has_prototype, similarity, _rows(queue_filled, label), label, anchor_mask,
-                    bank.shape[-3])  # fmt: skip
+                    bank.shape[-3], temperature)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the queues
