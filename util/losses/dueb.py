@@ -132,8 +132,8 @@ def _target_nll(log_prob: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 class _NoisyTargetNLL(torch.autograd.Function):
     """-log softmax(z + sigma * noise_t)[y] for every sample t, with the gradient written out.
 
-    Autograd would run about nine passes over the (B, T, K, H, W) samples, each on a freshly allocated
-    tensor (addcmul's backward alone scales the noise by 1); this runs two forward and three backward."""
+    Autograd's backward allocates four more sample-sized (B, T, K, H, W) tensors (addcmul's alone scales
+    the noise by 1 into a new one); this one works in the saved log-probabilities' memory."""
 
     @staticmethod
     def forward(ctx, logits, sigma, noise, label):
