@@ -326,8 +326,9 @@ class CTT(Method):
         return round_robin(index, chosen, self.ccfg["anchors"])
 
     def sample(self, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to k of each class's candidates (K, N), uniformly at random (global torch RNG): (K, k')."""
-        uniform = torch.rand(candidates.shape[1], device=candidates.device)
+        """Up to k of each class's candidates (..., K, N), uniformly at random (global torch RNG):
+        (..., K, k')."""
+        uniform = torch.rand(*candidates.shape[:-2], candidates.shape[-1], device=candidates.device)
         return per_class_sample(candidates, uniform, k)
 
     # ---------------------------------------------------------------------- after the optimizer step
@@ -339,10 +340,10 @@ class CTT(Method):
             return
         p, self.pending = self.pending, None
         with torch.no_grad():  # under the engine's autocast, as step()
-            for name in "ab":
-                if self.negatives:
-                    self.push_negatives(name, p)
-                if not self.fold_bank_forward:
+            if self.negatives:
+                self.push_negatives(p)
+            if not self.fold_bank_forward:
+                for name in "ab":
                     self.push_bank(name, self.teacher(name)(p.img_x, features=True), p.mask_x)
         if self.fold_bank_forward:  # the next step's teacher pass feeds the banks
             self.bank_input = BankInput(p.img_x, p.mask_x)
@@ -360,17 +361,22 @@ class CTT(Method):
         index, chosen = per_class_sample(of_class(label, self.nclass) & candidate, score, self.bank_per_step)
         self.banks[name].push(*gather_from_ranks(pixels(out.decoder)[index], chosen))
 
-    def push_negatives(self, name: str, p: Pending) -> None:
-        """Queue: a random sample of the teacher's unreliable weak-view pixels, for each class they rank
-        below their neg_skip_top most probable ones."""
-        view = p.teachers[name]
-        grid = tuple(view.feature.shape[-2:])
-        prob = pixels(view.logits_low.float().softmax(dim=1))
+    def push_negatives(self, p: Pending) -> None:
+        """Queues: a random sample of each teacher's unreliable weak-view pixels, for each class they rank
+        below their neg_skip_top most probable ones. Both teachers at once, stacked on a leading 2."""
+        views = [p.teachers[name] for name in "ab"]
+        grid = tuple(views[0].feature.shape[-2:])
+        logits = torch.cat([v.logits_low for v in views]).float()  # teacher A's images, then B's
+        prob = pixels(logits.softmax(dim=1)).unflatten(0, (2, -1))  # (2, N, K)
         valid = sample_to_grid(p.valid_u, grid).flatten()
-        unreliable = unreliable_mask(prob, valid, p.unreliable)
-        candidates = negative_candidates(prob, unreliable, self.ccfg["neg_skip_top"])  # (K, N)
-        index, chosen = self.sample(candidates, self.ccfg["neg_per_step"])
-        self.queues[name].push(*gather_from_ranks(pixels(view.feature)[index], chosen))
+        unreliable = unreliable_mask(prob, valid, p.unreliable)  # (2, N)
+        candidates = negative_candidates(prob, unreliable, self.ccfg["neg_skip_top"])  # (2, K, N)
+        index, chosen = self.sample(candidates, self.ccfg["neg_per_step"])  # (2, K, k)
+        features = pixels(torch.cat([v.feature for v in views])).unflatten(0, (2, -1))  # (2, N, D)
+        teacher = torch.arange(2, device=index.device)[:, None, None]
+        features, chosen = gather_from_ranks(features[teacher, index], chosen)  # (2, K, W k, D), (2, K, W k)
+        for i, name in enumerate("ab"):
+            self.queues[name].push(features[i], chosen[i])
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -91,9 +91,10 @@ def per_class_sample(
 
     candidates (K, N) bool, score (N,). With uniform draws as scores this is a uniform sample without
     replacement. Returns index (K, k') into the N pixels and chosen (K, k') bool, k' = min(k, N); a class
-    with fewer candidates has its first positions chosen.
+    with fewer candidates has its first positions chosen. Leading dimensions, (..., K, N) with score
+    (..., N), are independent problems.
     """
-    return select_by_similarity(score.expand(candidates.shape[0], -1), candidates, k, True)
+    return select_by_similarity(score.unsqueeze(-2).expand_as(candidates), candidates, k, True)
 
 
 def bank_candidates(
@@ -120,23 +121,24 @@ def unreliable_fraction(start: float, iteration: int, total_iters: int) -> float
 def unreliable_mask(prob: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
     """The valid pixels whose prediction entropy is in the top `fraction` of the batch's valid pixels.
 
-    prob (N, K) probabilities, valid (N,) bool. The partition threshold is the (1 - fraction) quantile of
-    the valid entropies (linear interpolation, as numpy.percentile). Returns (N,) bool.
+    prob (..., N, K) probabilities, valid (N,) bool. The partition threshold is the (1 - fraction) quantile
+    of the valid entropies (linear interpolation, as numpy.percentile), each leading index on its own.
+    Returns (..., N) bool.
     """
-    if fraction <= 0:
-        return torch.zeros_like(valid)
     prob = prob.float()
-    entropy = -(prob * prob.clamp(min=1e-12).log()).sum(dim=1)
+    if fraction <= 0:
+        return torch.zeros(prob.shape[:-1], dtype=torch.bool, device=prob.device)
+    entropy = -(prob * prob.clamp(min=1e-12).log()).sum(dim=-1)
     nan = torch.full_like(entropy, float("nan"))
-    thresh = torch.nanquantile(torch.where(valid, entropy, nan), 1.0 - fraction)
+    thresh = torch.nanquantile(torch.where(valid, entropy, nan), 1.0 - fraction, dim=-1, keepdim=True)
     return valid & (entropy >= thresh)
 
 
 def negative_candidates(prob: torch.Tensor, unreliable: torch.Tensor, skip_top: int) -> torch.Tensor:
-    """(K, N) bool: pixel n is a negative of class c when it is unreliable and c is not among its
-    `skip_top` most probable classes. prob (N, K), unreliable (N,) bool."""
-    rank = prob.argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)  # (N, K)
-    return ((rank >= skip_top) & unreliable[:, None]).t()
+    """(..., K, N) bool: pixel n is a negative of class c when it is unreliable and c is not among its
+    `skip_top` most probable classes. prob (..., N, K), unreliable (..., N) bool."""
+    rank = prob.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)  # (..., N, K)
+    return ((rank >= skip_top) & unreliable[..., None]).transpose(-1, -2)
 
 
 # ------------------------------------------------------------------------------------ contrastive core
@@ -287,15 +289,15 @@ def negative_queue_loss(
 
 # ------------------------------------------------------------------------------------------ the queues
 def gather_from_ranks(features: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's per-class candidates, side by side in rank order: (K, m, D), (K, m) on each rank ->
-    (K, W m, D), (K, W m). One all_gather (the mask travels as an extra channel)."""
+    """Every rank's per-class candidates, side by side in rank order: (..., K, m, D), (..., K, m) on each
+    rank -> (..., K, W m, D), (..., K, W m). One all_gather (the mask travels as an extra channel)."""
     world = get_world_size()
     if world == 1:
         return features, chosen
     packed = torch.cat([features.float(), chosen.to(torch.float32)[..., None]], dim=-1).contiguous()
     parts = [torch.empty_like(packed) for _ in range(world)]
     torch.distributed.all_gather(parts, packed)
-    packed = torch.cat(parts, dim=1)
+    packed = torch.cat(parts, dim=-2)
     return packed[..., :-1], packed[..., -1] > 0.5
 
 

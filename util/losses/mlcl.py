@@ -47,12 +47,13 @@ def select_by_similarity(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class (row), the indices of the k candidates most (or least) similar to its prototype.
 
-    similarity, candidates: (K, N). Returns index (K, k') and chosen (K, k') bool with k' = min(k, N); a
-    class with fewer than k' candidates has its first `count` positions chosen, in order of similarity.
+    similarity, candidates: (..., K, N). Returns index (..., K, k') and chosen (..., K, k') bool with
+    k' = min(k, N); a class with fewer than k' candidates has its first `count` positions chosen, in order
+    of similarity.
     """
-    k = min(k, similarity.shape[1])
+    k = min(k, similarity.shape[-1])
     score = similarity if most_similar else -similarity
-    values, index = score.masked_fill(~candidates, -math.inf).topk(k, dim=1)
+    values, index = score.masked_fill(~candidates, -math.inf).topk(k, dim=-1)
     return index, values > -math.inf
 
 
