@@ -153,6 +153,12 @@ def round_robin(index: torch.Tensor, chosen: torch.Tensor, budget: int) -> tuple
     return index.flatten()[order], label.flatten()[order], chosen.flatten()[order]
 
 
+def _log_of_sum(total: torch.Tensor, shift: float) -> torch.Tensor:
+    """shift + log(total) for sums of exp(value - shift); MASKED where the sum is empty (zero), with a zero
+    gradient: the clamp keeps log finite, so that `where`'s unselected branch gets 0, not NaN."""
+    return torch.where(total > 0, shift + total.clamp(min=torch.finfo(torch.float32).tiny).log(), MASKED)
+
+
 def masked_logsumexp(values: torch.Tensor, weight: torch.Tensor, bound: float) -> torch.Tensor:
     """log sum_j exp(values[..., j]) over the entries whose weight (0 or 1, broadcastable to values) is 1,
     for values in [-bound, bound] with bound <= 40 (similarities of unit vectors over a temperature of at
@@ -164,31 +170,26 @@ def masked_logsumexp(values: torch.Tensor, weight: torch.Tensor, bound: float) -
     maximum are further passes over the (anchors x entries) matrix.
     """
     shifted = (values - bound) * weight  # the counted entries in [-2 bound, 0], the others 0
-    total = (shifted.exp() * weight).sum(dim=-1, keepdim=True)
-    # the clamp keeps log finite, so that the unselected branch of `where` gets a zero gradient, not NaN
-    return torch.where(total > 0, bound + total.clamp(min=torch.finfo(torch.float32).tiny).log(), MASKED)
+    return _log_of_sum((shifted.exp() * weight).sum(dim=-1, keepdim=True), bound)
 
 
 def info_nce(
     positive: torch.Tensor,
     positive_mask: torch.Tensor,
     negative: torch.Tensor,
-    negative_mask: torch.Tensor,
     label: torch.Tensor,
     anchor_mask: torch.Tensor,
     nclass: int,
-    temperature: float,
 ) -> torch.Tensor:
     """Class-balanced InfoNCE.
 
-    positive (..., M, P), negative (..., M, Q): cosine similarities / temperature of each anchor to its
-    positives and negatives; the masks broadcast to those shapes; label, anchor_mask (..., M). For an
-    anchor a and a positive p: -log(e^s(a,p) / (e^s(a,p) + sum_q e^s(a,q))). Averaged over the anchor's
-    positives, over the anchors of a class, then over the classes that have an anchor with a positive:
-    (...). Zero if none has. Leading dimensions (one per network) are independent problems.
+    positive (..., M, P): similarities / temperature of each anchor to its positives, positive_mask
+    broadcasting to it; negative (..., M, 1): log sum_q e^s(a,q) over each anchor's negatives (MASKED for
+    none); label, anchor_mask (..., M). For an anchor a and a positive p:
+    -log(e^s(a,p) / (e^s(a,p) + sum_q e^s(a,q))). Averaged over the anchor's positives, over the anchors of
+    a class, then over the classes that have an anchor with a positive: (...). Zero if none has. Leading
+    dimensions (one per network) are independent problems.
     """
-    bound = 1 / temperature  # |cosine| <= 1
-    negative = masked_logsumexp(negative.float(), negative_mask.to(torch.float32), bound)  # (..., M, 1)
     positive = positive.float()
     # -log(e^p / (e^p + e^n)) = softplus(n - p); a difference below EXP_FLOOR adds less than 1e-34
     pair = F.softplus((negative - positive).clamp(min=EXP_FLOOR))  # (..., M, P)
@@ -202,17 +203,27 @@ def info_nce(
     return (per_class * has).sum(dim=-1) / has.sum(dim=-1).clamp(min=1)
 
 
-def _similarities(anchors: torch.Tensor, entries: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Similarities / temperature of unit anchors (..., M, D) to entries (..., K, N, D): (..., M, K, N)."""
-    nclass, size = entries.shape[-3:-1]
-    flat = entries.float().flatten(-3, -2)  # (..., K N, D)
-    return (anchors @ flat.transpose(-1, -2) / temperature).unflatten(-1, (nclass, size))
+def _class_similarities(anchors: torch.Tensor, entries: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Similarities / temperature of unit anchors (..., M, D) to entries (..., K, N, D): (..., K, M, N),
+    one matrix per class (a batched matmul)."""
+    return (anchors / temperature).unsqueeze(-3) @ entries.float().transpose(-1, -2)
 
 
-def _other_classes(label: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-    """(..., M, K N) mask of the filled entries (filled (..., K, N)) of classes other than each anchor's."""
-    other = label[..., None] != torch.arange(filled.shape[-2], device=label.device)  # (..., M, K)
-    return (other[..., None] & filled[..., None, :, :]).flatten(-2)
+def _other_classes_logsumexp(
+    similarity: torch.Tensor, filled: torch.Tensor, label: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """log sum of exp(similarity) over the filled entries of the classes other than each anchor's label:
+    similarity (..., K, M, N) from _class_similarities, filled (..., K, N), label (..., M) -> (..., M, 1).
+
+    Per class, the sum over its filled entries is a matrix-vector product, so no (anchors x entries) mask
+    is built; the other classes' sums are then added up. Shifted by the bound 1 / temperature, as in
+    masked_logsumexp (temperature >= MIN_TEMPERATURE).
+    """
+    bound = 1 / temperature
+    per_class = (similarity - bound).exp() @ filled.to(torch.float32).unsqueeze(-1)  # (..., K, M, 1)
+    per_class = per_class.squeeze(-1).transpose(-1, -2)  # (..., M, K)
+    other = label[..., None] != torch.arange(per_class.shape[-1], device=label.device)
+    return _log_of_sum((per_class * other).sum(dim=-1, keepdim=True), bound)
 
 
 def _own_class(values: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -237,10 +248,10 @@ def hc_loss(
     """HC: anchors (..., M, D) of class `label` against the bank (..., K, N, D): positives are the filled
     entries of the anchor's class, negatives the filled entries of every other class. filled (..., K, N)."""
     anchors = F.normalize(anchors.float(), dim=-1)
-    similarity = _similarities(anchors, bank, temperature)
-    negative, negative_mask = similarity.flatten(-2), _other_classes(label, filled)
-    return info_nce(_own_class(similarity, label), _rows(filled, label), negative, negative_mask, label,
-                    anchor_mask, bank.shape[-3], temperature)  # fmt: skip
+    similarity = _class_similarities(anchors, bank, temperature)  # (..., K, M, N)
+    positive = _own_class(similarity.transpose(-3, -2), label)  # (..., M, N)
+    negative = _other_classes_logsumexp(similarity, filled, label, temperature)
+    return info_nce(positive, _rows(filled, label), negative, label, anchor_mask, bank.shape[-3])
 
 
 def lc_loss(
@@ -257,10 +268,10 @@ def lc_loss(
     both banks: banks (K, 2N, D) = the two (K, N, D) banks concatenated along the entries, filled (K, 2N)."""
     anchors = F.normalize(anchors.float(), dim=-1)
     positive = (anchors * F.normalize(peer.detach().float(), dim=-1)).sum(dim=-1, keepdim=True)
-    similarity = _similarities(anchors, banks, temperature)
-    negative, negative_mask = similarity.flatten(-2), _other_classes(label, filled)
-    return info_nce(positive / temperature, anchor_mask[..., None], negative, negative_mask, label,
-                    anchor_mask, banks.shape[-3], temperature)  # fmt: skip
+    similarity = _class_similarities(anchors, banks, temperature)
+    negative = _other_classes_logsumexp(similarity, filled, label, temperature)
+    return info_nce(positive / temperature, anchor_mask[..., None], negative, label, anchor_mask,
+                    banks.shape[-3])  # fmt: skip
 
 
 def negative_queue_loss(
@@ -282,9 +293,11 @@ def negative_queue_loss(
     prototype = _rows(F.normalize(prototype, dim=-1), label)  # (..., M, D)
     positive = (anchors * prototype).sum(dim=-1, keepdim=True) / temperature
     has_prototype = _rows(filled.any(dim=-1, keepdim=True), label)  # (..., M, 1)
-    similarity = _own_class(_similarities(anchors, queue, temperature), label)  # (..., M, Q)
-    return info_nce(positive, has_prototype, similarity, _rows(queue_filled, label), label, anchor_mask,
-                    bank.shape[-3], temperature)  # fmt: skip
+    # each anchor against its own class's queue only
+    similarity = _own_class(_class_similarities(anchors, queue, temperature).transpose(-3, -2), label)
+    weight = _rows(queue_filled, label).to(torch.float32)  # (..., M, Q)
+    negative = masked_logsumexp(similarity, weight, 1 / temperature)
+    return info_nce(positive, has_prototype, negative, label, anchor_mask, bank.shape[-3])
 
 
 # ------------------------------------------------------------------------------------------ the queues
