@@ -227,7 +227,9 @@ class CTT(Method):
     def teacher(self, name: str):
         """Teacher `name` ('a' or 'b') in the mode its forwards run in (ctt.teacher_mode)."""
         teacher = getattr(self, f"teacher_{name}")
-        teacher.train(self.ccfg["teacher_mode"] == "train")
+        train = self.ccfg["teacher_mode"] == "train"
+        if teacher.training != train:  # .train() walks every module: only when an evaluation changed it
+            teacher.train(train)
         return teacher
 
     def mixed_view(self, image: torch.Tensor, valid: torch.Tensor, teacher: TeacherView) -> MixedView:

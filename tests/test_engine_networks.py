@@ -134,6 +134,26 @@ def test_ema_teacher_follows_the_warm_up_formula():
     assert teacher.updates == 4
 
 
+def test_ema_teacher_keeps_following_after_the_networks_are_moved_or_loaded():
+    """The teacher pairs its tensors with the student's once; moving either network to channels-last,
+    loading weights into it, or handing it another student must not leave it averaging stale tensors."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    teacher = ema_teacher(student, decay=0.5)
+    teacher.update(student)  # pairs the tensors
+    student.to(memory_format=torch.channels_last)
+    teacher.to(memory_format=torch.channels_last)
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    student.load_state_dict(other.state_dict())
+    expected = 0.5 * teacher.module[0].weight + 0.5 * student[0].weight  # t = 1: alpha = 0.5
+    teacher.update(student)
+    torch.testing.assert_close(teacher.module[0].weight, expected, rtol=0, atol=1e-6)
+    replacement = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    expected = 0.5 * teacher.module[0].weight + 0.5 * replacement[0].weight  # t = 2: alpha = min(2/3, 0.5)
+    teacher.update(replacement)
+    torch.testing.assert_close(teacher.module[0].weight, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("buffers", ["ema", "own"])
 def test_ema_teacher_buffers_and_state_round_trip(buffers):
     student = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))

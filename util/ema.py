@@ -1,9 +1,20 @@
 """EMA teachers: a network whose weights are an exponential moving average of a student's."""
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass
+class PairedTensors:
+    """A teacher's tensors next to its student's (ours first in each pair)."""
+
+    student: nn.Module
+    params: tuple[list, list]
+    floats: list[tuple]  # floating-point buffers (BatchNorm statistics)
+    counts: list[tuple]  # integer buffers (num_batches_tracked)
 
 
 class EMATeacher(nn.Module):
@@ -30,6 +41,7 @@ class EMATeacher(nn.Module):
         self.decay = decay
         self.buffers_mode = buffers
         self.updates = 0
+        self._pairs: PairedTensors | None = None  # made at the first update
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -37,20 +49,31 @@ class EMATeacher(nn.Module):
     def alpha(self) -> float:
         return min(1.0 - 1.0 / (self.updates + 1), self.decay)
 
+    def _paired_tensors(self, student: nn.Module) -> "PairedTensors":
+        """Our parameters and buffers next to the student's, as lists for the foreach calls. Made once per
+        student: walking two networks' modules costs about as much as averaging their weights on a CPU.
+        Moving a network (.to, channels-last, SyncBN conversion) keeps its tensor objects, so the lists
+        stay valid; they hold the tensors, not copies."""
+        if self._pairs is None or self._pairs.student is not student:
+            pairs = list(zip(self.module.buffers(), student.buffers()))
+            self._pairs = PairedTensors(
+                student,
+                (list(self.module.parameters()), list(student.parameters())),
+                [pair for pair in pairs if pair[0].is_floating_point()],
+                [pair for pair in pairs if not pair[0].is_floating_point()],  # num_batches_tracked
+            )
+        return self._pairs
+
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         weight = 1.0 - self.alpha()  # lerp: T + w (S - T); w = 1 at the first update gives S exactly
-        torch._foreach_lerp_(
-            list(self.module.parameters()), [p.detach() for p in student.parameters()], weight
-        )
+        tensors = self._paired_tensors(student)
+        torch._foreach_lerp_(*tensors.params, weight)
         if self.buffers_mode == "ema":
-            pairs = list(zip(self.module.buffers(), student.buffers()))
-            floats = [(own, theirs) for own, theirs in pairs if own.is_floating_point()]
-            counts = [(own, theirs) for own, theirs in pairs if not own.is_floating_point()]
-            if floats:
-                torch._foreach_lerp_(*map(list, zip(*floats)), weight)
-            if counts:  # num_batches_tracked
-                torch._foreach_copy_(*map(list, zip(*counts)))
+            if tensors.floats:
+                torch._foreach_lerp_(*map(list, zip(*tensors.floats)), weight)
+            if tensors.counts:
+                torch._foreach_copy_(*map(list, zip(*tensors.counts)))
         self.updates += 1
 
     def get_extra_state(self) -> dict:
