@@ -382,11 +382,10 @@ class CTT(Method):
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        state = {
+        return {
             "banks": {n: q.state_dict() for n, q in self.banks.items()},
             "queues": {n: q.state_dict() for n, q in self.queues.items()},
         }
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"banks", "queues"}:

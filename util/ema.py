@@ -7,14 +7,19 @@ import torch
 from torch import nn
 
 
+def _unzip(pairs: list[tuple]) -> tuple[list, list]:
+    """[(ours, theirs), ...] -> ([ours, ...], [theirs, ...])."""
+    return [ours for ours, _ in pairs], [theirs for _, theirs in pairs]
+
+
 @dataclass
 class PairedTensors:
     """A teacher's tensors next to its student's (ours first in each pair)."""
 
     student: nn.Module
     params: tuple[list, list]
-    floats: list[tuple]  # floating-point buffers (BatchNorm statistics)
-    counts: list[tuple]  # integer buffers (num_batches_tracked)
+    floats: tuple[list, list]  # floating-point buffers (BatchNorm statistics)
+    counts: tuple[list, list]  # integer buffers (num_batches_tracked)
 
 
 class EMATeacher(nn.Module):
@@ -59,8 +64,8 @@ class EMATeacher(nn.Module):
             self._pairs = PairedTensors(
                 student,
                 (list(self.module.parameters()), list(student.parameters())),
-                [pair for pair in pairs if pair[0].is_floating_point()],
-                [pair for pair in pairs if not pair[0].is_floating_point()],  # num_batches_tracked
+                _unzip([pair for pair in pairs if pair[0].is_floating_point()]),
+                _unzip([pair for pair in pairs if not pair[0].is_floating_point()]),
             )
         return self._pairs
 
@@ -70,10 +75,10 @@ class EMATeacher(nn.Module):
         tensors = self._paired_tensors(student)
         torch._foreach_lerp_(*tensors.params, weight)
         if self.buffers_mode == "ema":
-            if tensors.floats:
-                torch._foreach_lerp_(*map(list, zip(*tensors.floats)), weight)
-            if tensors.counts:
-                torch._foreach_copy_(*map(list, zip(*tensors.counts)))
+            if tensors.floats[0]:
+                torch._foreach_lerp_(*tensors.floats, weight)
+            if tensors.counts[0]:
+                torch._foreach_copy_(*tensors.counts)
         self.updates += 1
 
     def get_extra_state(self) -> dict:

@@ -226,10 +226,10 @@ def _other_classes_logsumexp(
     return _log_of_sum((per_class * other).sum(dim=-1, keepdim=True), bound)
 
 
-def _own_class(values: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """(..., M, K, N) -> (..., M, N): each row's entries of its own label."""
-    index = label[..., None, None].expand(*label.shape, 1, values.shape[-1])
-    return values.gather(-2, index).squeeze(-2)
+def _own_class(similarity: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """(..., K, M, N) from _class_similarities -> (..., M, N): each anchor's entries of its own label."""
+    index = label[..., None, :, None].expand(*label.shape[:-1], 1, *similarity.shape[-2:])
+    return similarity.gather(-3, index).squeeze(-3)
 
 
 def _rows(table: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -249,7 +249,7 @@ def hc_loss(
     entries of the anchor's class, negatives the filled entries of every other class. filled (..., K, N)."""
     anchors = F.normalize(anchors.float(), dim=-1)
     similarity = _class_similarities(anchors, bank, temperature)  # (..., K, M, N)
-    positive = _own_class(similarity.transpose(-3, -2), label)  # (..., M, N)
+    positive = _own_class(similarity, label)  # (..., M, N)
     negative = _other_classes_logsumexp(similarity, filled, label, temperature)
     return info_nce(positive, _rows(filled, label), negative, label, anchor_mask, bank.shape[-3])
 
@@ -294,7 +294,7 @@ def negative_queue_loss(
     positive = (anchors * prototype).sum(dim=-1, keepdim=True) / temperature
     has_prototype = _rows(filled.any(dim=-1, keepdim=True), label)  # (..., M, 1)
     # each anchor against its own class's queue only
-    similarity = _own_class(_class_similarities(anchors, queue, temperature).transpose(-3, -2), label)
+    similarity = _own_class(_class_similarities(anchors, queue, temperature), label)
     weight = _rows(queue_filled, label).to(torch.float32)  # (..., M, Q)
     negative = masked_logsumexp(similarity, weight, 1 / temperature)
     return info_nce(positive, has_prototype, negative, label, anchor_mask, bank.shape[-3])
