@@ -32,6 +32,8 @@ import json
 import logging
 import os
 import sys
+import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dataset.classes import palette
 from dataset.query import FullImages, LabeledClasses, PairedLabeled, PartnerQuery, PseudoLabeled, WithPartner
-from dataset.semi import DataError, SemiDataset, read_split
+from dataset.semi import DataError, SemiDataset, check_same_size, load_mask, read_split
 from model import build_model
 from unimatch import UniMatch, cutmix
 from util import checkpoint as ckpt
@@ -50,6 +52,8 @@ from util.dist import all_reduce_sum, barrier, broadcast_object, init_distribute
 from util.ema import ema_teacher
 from util.engine import Method, Networks, Trainer, parse_args, prepare_demo_data, run
 from util.engine.run import EXIT_BAD_INPUT, build_trainer
+from util.engine.saving import lock_save_path
+from util.engine.stop import StopRequested, ignore_stop_signals, process_stop
 from util.engine.trainer import amp_dtype, prepare_save_path, setup_logging
 from util.files import write_atomic
 from util.losses import IGNORE
@@ -65,7 +69,7 @@ from util.losses.ciscr import (
     region_of,
     reliability,
 )
-from util.metrics import predict
+from util.metrics import intersection_and_union, miou_from, predict
 
 logger = logging.getLogger("semiseg")
 
@@ -92,6 +96,15 @@ def partner_query(cfg: dict, classes: LabeledClasses) -> PartnerQuery:
         cfg["data_root"], classes, cfg["nclass"], cfg["crop_size"], c["min_class_area"],
         c["exclude_background"], c["shared_classes"], c["max_recrops"], c["allow_self_pair"],
     )  # fmt: skip
+
+
+# As released, stage 1 trains on the labeled list twice over when it holds fewer images than this.
+SHORT_LABELED_LIST = 200
+
+
+def stage1_epoch(labeled: int) -> int:
+    """Crops in one epoch of stage 1: the labeled list, doubled when it is short (as released)."""
+    return 2 * labeled if labeled < SHORT_LABELED_LIST else labeled
 
 
 def labeled_crops(cfg: dict, nsample: int | None = None) -> SemiDataset:
@@ -133,8 +146,9 @@ class CrossImageSupervised(Method):
     cache_dir: str | None = None  # where the labeled class lists are cached (the pipeline's folder)
 
     def training_data(self, pin_memory: bool, save_path: str | None, worker_init=None) -> Streams:
-        query = partner_query(self.cfg, labeled_classes(self.cfg, self.cache_dir))
-        labeled = PairedLabeled(labeled_crops(self.cfg), query)
+        classes = labeled_classes(self.cfg, self.cache_dir)
+        crops = labeled_crops(self.cfg, nsample=stage1_epoch(len(classes.images)))
+        labeled = PairedLabeled(crops, partner_query(self.cfg, classes))
         return Streams(self.cfg, {"labeled": labeled}, pin_memory, worker_init)
 
     def step(self, batch: dict) -> tuple[dict, dict]:
@@ -311,10 +325,11 @@ def write_label(path: str, label: np.ndarray, colours: np.ndarray) -> None:
 
 
 def chunks(dataset, positions, size: int, workers: int) -> DataLoader:
-    """The items of `dataset` at `positions`, in order, as lists of `size` (the last may be shorter)."""
+    """The items of `dataset` at `positions`, in order, as lists of `size` (the last may be shorter). The
+    workers leave stop signals to the process (a Ctrl-C reaches them too)."""
     return DataLoader(
         Subset(dataset, list(positions)), batch_size=size, collate_fn=list, num_workers=min(workers, 2),
-        generator=torch.Generator(),
+        generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
     )  # fmt: skip
 
 
@@ -341,39 +356,99 @@ def all_gather(rows: list) -> list:
 TRAINING_STAGES = ("stage1", "stage4", "stage6")
 
 
-def combine_stage_evals(root: str) -> str:
-    """root/evals.jsonl from the training stages' own: their evaluations in one list, iterations counted
-    from the start of stage 1 and `total_iters` the three stages' sum, so that the staged run reads like
-    any other (tools/compare.py). Only the last stage's network is the run's result: only its records are
-    `deploy` candidates. Returns the path."""
-    stages = []
+def stage_epochs(cfg: dict) -> list[int]:
+    """Epochs of stages 1, 4 and 6, each of the stage's own data (stage 1: the labeled list, doubled when
+    short; 4: the reliable images; 6: every unlabeled image): ciscr.stage_epochs, else `epochs` each."""
+    return cfg["ciscr"]["stage_epochs"] or [cfg["epochs"]] * len(TRAINING_STAGES)
+
+
+STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
+
+
+def combined_evals(stage_records: dict[str, list[dict]], seconds: dict[str, float]) -> list[dict]:
+    """The training stages' evaluations (`stage_records`: each stage's evals.jsonl records, in stage order)
+    as one run's: iterations counted from the start of stage 1, `total_iters` the three stages' sum,
+    `train_seconds` summed over the training stages before, `wall_seconds` counted from the start of
+    stage 1, with every stage before (pseudo-labelling and ranking too) at its duration in `seconds`.
+    Keys a stage's records lack stay out. Only the last stage's network is the run's result: only its
+    records are `deploy` candidates."""
+    total = sum(records[-1]["total_iters"] for records in stage_records.values())
+    iterations, train_seconds, combined = 0, 0.0, []
+    for stage, records in stage_records.items():
+        wall_before = sum(seconds.get(earlier, 0.0) for earlier in STAGES[: STAGES.index(stage)])
+        for record in records:
+            row = {**record, "iteration": iterations + record["iteration"], "total_iters": total}
+            row.update(network=f"{stage}/{record['network']}", stage=stage)
+            row["deploy"] = stage == TRAINING_STAGES[-1] and record.get("deploy", True)
+            if "train_seconds" in record:
+                row["train_seconds"] = train_seconds + record["train_seconds"]
+            if "wall_seconds" in record:
+                row["wall_seconds"] = wall_before + record["wall_seconds"]
+            combined.append(row)
+        iterations += records[-1]["total_iters"]
+        train_seconds += records[-1].get("train_seconds", 0.0)
+    return combined
+
+
+def combine_stage_evals(root: str, seconds: dict[str, float]) -> str:
+    """root/evals.jsonl from the training stages' own (combined_evals), so that the staged run reads like
+    any other (tools/compare.py); `seconds`: each stage's duration. Returns the path."""
+    stage_records = {}
     for stage in TRAINING_STAGES:
         with open(os.path.join(root, stage, "evals.jsonl")) as f:
-            stages.append([json.loads(line) for line in f if line.strip()])
-    total = sum(records[-1]["total_iters"] for records in stages)
-    offset, lines = 0, []
-    for stage, records in zip(TRAINING_STAGES, stages):
-        for record in records:
-            combined = {**record, "iteration": offset + record["iteration"], "total_iters": total}
-            combined.update(network=f"{stage}/{record['network']}", stage=stage)
-            combined["deploy"] = stage == TRAINING_STAGES[-1] and record.get("deploy", True)
-            lines.append(json.dumps(combined))
-        offset += records[-1]["total_iters"]
+            stage_records[stage] = [json.loads(line) for line in f if line.strip()]
     path = os.path.join(root, "evals.jsonl")
-    write_atomic(path, "\n".join(lines) + "\n")
+    lines = combined_evals(stage_records, seconds)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in lines))
     return path
+
+
+def measurable_masks(unlabeled: list, root: str) -> dict[str, str | None]:
+    """{image: its mask in the unlabeled split (read_split's entries) or None}, for measuring pseudo-labels
+    only (training never sees these masks). All None, with a warning, when some listed mask is missing."""
+    masks = {image: mask for _, image, mask in unlabeled}
+    missing = [mask for mask in masks.values() if mask and not os.path.isfile(os.path.join(root, mask))]
+    if missing:
+        logger.warning(
+            f"{len(missing)} of the masks the unlabeled split lists are missing (e.g. "
+            f"{os.path.join(root, missing[0])}): the pseudo-labels' quality is not measured"
+        )
+        return dict.fromkeys(masks)
+    return masks
+
+
+@dataclass(frozen=True)
+class LabelQuality:
+    """How pseudo-labels agree with the masks an unlabeled split lists (measured, never trained on)."""
+
+    images: int
+    pixel_accuracy: float  # percent of the masks' labeled pixels given their class
+    miou: float  # as util.metrics computes it for validation: the mean IoU of all classes
+
+    def __str__(self) -> str:
+        return f"pixel accuracy {self.pixel_accuracy:.2f}%, mIoU {self.miou:.2f} ({self.images} images)"
+
+
+def label_quality(images: int, intersection, union, target) -> LabelQuality:
+    """LabelQuality from per-class counts (util.metrics.intersection_and_union summed over the images)."""
+    accuracy = 100.0 * float(intersection.sum()) / max(float(target.sum()), 1.0)
+    return LabelQuality(images, accuracy, miou_from(intersection, union)[0])
 
 
 class StagedPipeline:
     """The six stages, each skipped when `stages.json` says it finished. `fit()` runs what is left and
-    returns the final network's best val mIoU; util.engine.run turns its faults into exit statuses."""
+    returns the final network's best val mIoU; util.engine.run turns its faults into exit statuses.
 
-    STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
+    A stop signal, whenever it comes, ends the unit of work the pipeline is in (a training step, an
+    evaluation, a chunk of pseudo-labels, a chunk of the ranking) and then every rank where they meet
+    (stop_here): what is written is kept and the same command continues from it."""
 
     def __init__(self, cfg: dict, save_path: str, source: str):
         self.cfg, self.root, self.source = cfg, save_path, source
         self.dist = init_distributed()
         self.device = self.dist.device
+        self.stop = process_stop()
+        self.lock = None  # rank 0's lock on save_path/.lock, held until this process ends
         self.manifest_path = os.path.join(save_path, "stages.json")
         # Absolute: the label files are opened beside images that are relative to the data root.
         folder = os.path.abspath(os.path.join(save_path, "pseudo_labels"))
@@ -382,10 +457,13 @@ class StagedPipeline:
 
     # -------------------------------------------------------------- bookkeeping
     def read_manifest(self) -> dict:
+        """stages.json: the config it was started with, the finished stages' records ("done") and the
+        seconds spent in stages that were stopped before they finished ("spent")."""
         if not os.path.isfile(self.manifest_path):
-            return {"config": self.cfg, "done": {}}
+            return {"config": self.cfg, "done": {}, "spent": {}}
         with open(self.manifest_path) as f:
             manifest = json.load(f)
+        manifest.setdefault("spent", {})
         changed = sorted(k for k in self.cfg if manifest["config"].get(k, self.cfg[k]) != self.cfg[k])
         if changed:
             logger.warning(
@@ -394,35 +472,51 @@ class StagedPipeline:
             )
         return manifest
 
-    def stage(self, name: str, work) -> None:
-        """Run `work()` unless stages.json says stage `name` finished; then record it there (rank 0 writes,
-        atomically, once every rank is through it). `work` returns what to record."""
-        if name in self.manifest["done"]:
-            return
-        record = work()
-        barrier()
-        self.manifest["done"][name] = record
+    def write_manifest(self) -> None:
         if self.dist.is_main:
             write_atomic(self.manifest_path, json.dumps(self.manifest, indent=1))
+
+    def stage(self, name: str, work) -> None:
+        """Run `work()` unless stages.json says stage `name` finished; then record it there (rank 0 writes,
+        atomically, once every rank is through it) with the seconds it took, over the runs it took. `work`
+        returns what to record."""
+        if name in self.manifest["done"]:
+            return
+        self.stop_here(lambda: f"before {name}")
+        started, spent = time.monotonic(), self.manifest["spent"].get(name, 0.0)
+        try:
+            record = work()
+        except StopRequested:
+            self.manifest["spent"][name] = round(spent + time.monotonic() - started, 1)
+            self.write_manifest()
+            raise
+        barrier()
+        record["seconds"] = round(spent + time.monotonic() - started, 1)
+        self.manifest["spent"].pop(name, None)
+        self.manifest["done"][name] = record
+        self.write_manifest()
         logger.info(f"{name} done: {record}")
 
+    def stop_here(self, where) -> None:
+        """Called by every rank at the same point: stop every rank (StopRequested) when any was asked to.
+        `where()` says where, for the message."""
+        if self.stop.agree(self.device):
+            raise StopRequested(
+                f"stopped by {self.stop.describe()} {where()}; run the same command to continue"
+            )
+
     def stage_config(self, index: int) -> dict:
-        """The config of training stage `index` (0, 1, 2 = stages 1, 4, 6). Its length: ciscr.stage_iters,
-        else max_iters, else ciscr.stage_epochs (default: epochs) epochs of the stage's own data."""
+        """The config of training stage `index` (0, 1, 2 = stages 1, 4, 6): ciscr.stage_epochs[index]
+        (default: `epochs`) epochs of the stage's own data, as released. `max_iters`, the single-loop
+        methods' budget, is not read."""
         cfg = copy.deepcopy(self.cfg)
-        c = cfg["ciscr"]
-        if c["stage_iters"] is not None:
-            cfg["max_iters"] = c["stage_iters"][index]
-        elif cfg["max_iters"] is None and c["stage_epochs"] is not None:
-            cfg["epochs"] = c["stage_epochs"][index]
+        cfg["epochs"] = stage_epochs(cfg)[index]
+        cfg["max_iters"] = None
         return cfg
 
     def teacher_path(self, stage: str) -> str:
         name = "best.pth" if self.cfg["ciscr"]["teacher_checkpoint"] == "best" else "latest.pth"
         return os.path.join(self.root, stage, name)
-
-    def unlabeled_images(self) -> list[str]:
-        return [image for _, image, _ in read_split(self.cfg["unlabeled_id_path"], need_mask=False)]
 
     # -------------------------------------------------------------- stages
     def train(self, stage: str, method_cls: type, index: int, **context) -> dict:
@@ -432,8 +526,10 @@ class StagedPipeline:
             trainer = Trainer(bound, self.stage_config(index), os.path.join(self.root, stage), self.source)
         except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
             raise ConfigError(f"{stage}: {err}") from err
-        best = trainer.fit()
-        setup_logging(self.root, self.dist.is_main)
+        try:
+            best = trainer.fit()
+        finally:
+            setup_logging(self.root, self.dist.is_main)
         return {"best_miou": best}
 
     def retrain(self, stage: str, teacher_stage: str, index: int, items: list, query_lists: dict) -> dict:
@@ -452,7 +548,7 @@ class StagedPipeline:
     def pseudo_label(self, teacher_stage: str, images: list[str], stage: str) -> dict:
         """Hard labels of `images` from multi-scale + flip inference by the network of `teacher_stage`, one
         PNG each in pseudo_labels/<stage>; the ranks share the images; those already labeled (by an
-        interrupted run) are skipped."""
+        interrupted run) are skipped. Their quality is measured where the split lists masks."""
         cfg, c, folder = self.cfg, self.cfg["ciscr"], self.labels[stage]
         if self.dist.is_main:
             for parent, _, names in os.walk(folder):  # temporaries of writes a kill interrupted
@@ -486,11 +582,55 @@ class StagedPipeline:
                     write_label(label_file(folder, images[i]), label, colours)
             if (n + 1) % 100 == 0:
                 logger.info(f"  {(n + 1) * size} images labelled by this process")
-        barrier()
+            if self.stop.requested:
+                break
+
+        def written() -> str:
+            count = sum(os.path.isfile(label_file(folder, image)) for image in images)
+            return f"in {stage} with {count} of {len(images)} pseudo-labels written"
+
+        self.stop_here(written)
         missing = [image for image in images if not os.path.isfile(label_file(folder, image))]
         if missing:
             raise DataError(f"{len(missing)} pseudo-labels were not written to {folder}, e.g. {missing[0]}")
-        return {"images": len(images)}
+        quality = self.label_quality(stage, images, f"{stage}'s pseudo-labels")
+        return {"images": len(images), "quality": quality and asdict(quality)}
+
+    def label_quality(self, stage: str, images: list[str], what: str) -> LabelQuality | None:
+        """`stage`'s pseudo-labels of `images` against the masks the unlabeled split lists for them,
+        logged as `what`; the ranks share the images. None where the split lists no mask, or a mask cannot
+        be read (a warning names it: a measurement never stops the run)."""
+        pairs = [(label_file(self.labels[stage], image), self.masks[image]) for image in images]
+        pairs = [(label, mask) for label, mask in pairs if mask is not None]
+        if not pairs:
+            return None
+        nclass, root = self.cfg["nclass"], self.cfg["data_root"]
+        counts, problem = torch.zeros(3, nclass, dtype=torch.long), None
+        for label_path, mask_path in pairs[self.dist.rank :: self.dist.world_size]:
+            if self.stop.requested:
+                break
+            try:
+                label = load_mask(label_path, nclass)
+                mask = load_mask(os.path.join(root, mask_path), nclass)
+                check_same_size(
+                    label.shape[::-1], mask.shape[::-1], label_path, os.path.join(root, mask_path)
+                )
+            except DataError as err:
+                problem = str(err)
+                break
+            counts += torch.stack(
+                intersection_and_union(torch.from_numpy(label), torch.from_numpy(mask), nclass)
+            )
+        self.stop_here(lambda: f"in {stage} while measuring the pseudo-labels against the masks")
+        gathered = all_gather([(counts.tolist(), problem)])
+        problems = [problem for _, problem in gathered if problem]
+        if problems:
+            logger.warning(f"{what}: quality not measured: {problems[0]}")
+            return None
+        total = torch.tensor([part for part, _ in gathered]).sum(dim=0)
+        quality = label_quality(len(pairs), *total)
+        logger.info(f"{what} against the unlabeled split's masks: {quality}")
+        return quality
 
     @torch.no_grad()
     def select(self, teacher_stage: str, images: list[str]) -> dict:
@@ -503,22 +643,30 @@ class StagedPipeline:
         classes = labeled_classes(cfg, self.root)
 
         def features(dataset):
-            """(decoder feature, label, positions) of this rank's share (every world_size-th image)."""
+            """(decoder feature, label, positions) of this rank's share (every world_size-th image), until
+            a stop signal comes (then the ranks stop together at the next stop_here)."""
             share = range(self.dist.rank, len(dataset), self.dist.world_size)
             for items in chunks(dataset, share, c["label_batch_size"], cfg["num_workers"]):
                 for images, labels, positions in by_size(items):
                     feature = decoder_output(model, images.to(self.device))[1]
                     yield feature, labels.to(self.device), positions
+                if self.stop.requested:
+                    return
+
+        def in_stage3() -> str:
+            return "in stage3 (its ranking starts over when the same command is run again)"
 
         labeled = FullImages(cfg["data_root"], classes.images, nclass)
         prototypes = torch.zeros(nclass, cfg["head_channels"], device=self.device)
         for feature, label, _ in features(labeled):
             prototypes += class_prototypes(feature, label, nclass)
+        self.stop_here(in_stage3)
         all_reduce_sum(prototypes)
 
         rows = []
         for feature, label, positions in features(labeled):
             rows += zip(positions, class_scores(feature, prototypes, label).tolist())
+        self.stop_here(in_stage3)
         labeled_scores = dict(all_gather(rows))
         keep = c["query_keep_fraction"]
         query_lists = {}
@@ -530,20 +678,27 @@ class StagedPipeline:
         rows = []
         for feature, label, positions in features(pseudo):
             rows += zip(positions, reliability(class_scores(feature, prototypes, label), label).tolist())
+        self.stop_here(in_stage3)
         score = dict(all_gather(rows))
         order = sorted(range(len(images)), key=lambda i: (score[i], i))
         cut = max(1, int(len(images) * c["reliable_fraction"]))
+        reliable, unreliable = [images[i] for i in order[:cut]], [images[i] for i in order[cut:]]
         if self.dist.is_main:
             os.makedirs(self.selection, exist_ok=True)
-            for name, part in (("reliable.txt", order[:cut]), ("unreliable.txt", order[cut:])):
-                write_atomic(os.path.join(self.selection, name), "".join(f"{images[i]}\n" for i in part))
+            for name, part in (("reliable.txt", reliable), ("unreliable.txt", unreliable)):
+                write_atomic(os.path.join(self.selection, name), "".join(f"{image}\n" for image in part))
             lists = {cls: [classes.images[i][0] for i in members] for cls, members in query_lists.items()}
             write_atomic(
                 os.path.join(self.selection, "query_lists.json"), json.dumps(lists, indent=1, sort_keys=True)
             )
             scores = {images[i]: score[i] for i in order}
             write_atomic(os.path.join(self.selection, "scores.json"), json.dumps(scores, indent=1))
-        return {"reliable": cut, "unreliable": len(images) - cut}
+        halves = {
+            name: self.label_quality("stage2", part, f"stage2's pseudo-labels of the {name} images")
+            for name, part in (("reliable", reliable), ("unreliable", unreliable))
+        }
+        quality = {name: q and asdict(q) for name, q in halves.items()}
+        return {"reliable": cut, "unreliable": len(images) - cut, "quality": quality}
 
     def read_selection(self) -> tuple[list[str], list[str], dict]:
         """Stage 3's reliable and unreliable images, and its query lists as labeled image positions."""
@@ -560,11 +715,13 @@ class StagedPipeline:
 
     # -------------------------------------------------------------- the pipeline
     def prepare(self) -> None:
-        """The output folder and the demo data (rank 0, the others wait), then the paths the stages read."""
+        """The output folder, locked for the whole pipeline, and the demo data (rank 0, the others wait),
+        then the paths the stages read."""
         error = None
         if self.dist.is_main:
             try:
                 prepare_save_path(self.root)
+                self.lock = lock_save_path(self.root)
                 prepare_demo_data(self.cfg)
             except (ConfigError, OSError, ValueError) as err:
                 error = str(err)
@@ -572,14 +729,24 @@ class StagedPipeline:
         if error:
             raise ConfigError(error)
         check_paths(self.cfg, self.source, need_unlabeled=True)
+        unlabeled = read_split(self.cfg["unlabeled_id_path"], need_mask=False)
+        self.unlabeled_images = [image for _, image, _ in unlabeled]
+        self.masks = measurable_masks(unlabeled, self.cfg["data_root"])
 
     def fit(self) -> float:
+        with self.stop.installed():  # a signal from here on stops the pipeline after its unit of work
+            return self._fit()
+
+    def _fit(self) -> float:
         self.prepare()
         setup_logging(self.root, self.dist.is_main)
         self.manifest = self.read_manifest()
-        left = [stage for stage in self.STAGES if stage not in self.manifest["done"]]
-        logger.info(f"CISC-R, staged: {'stages to run: ' + ', '.join(left) if left else 'all stages done'}")
-        images = self.unlabeled_images()
+        left = [stage for stage in STAGES if stage not in self.manifest["done"]]
+        logger.info(
+            f"CISC-R, staged: {'stages to run: ' + ', '.join(left) if left else 'all stages done'}; "
+            f"stages 1, 4, 6 train {stage_epochs(self.cfg)} epochs of their own data"
+        )
+        images = self.unlabeled_images
 
         self.stage("stage1", lambda: self.train("stage1", CrossImageSupervised, 0))
         self.stage("stage2", lambda: self.pseudo_label("stage1", images, "stage2"))
@@ -591,13 +758,17 @@ class StagedPipeline:
         trained_on += self.labeled_by("stage5", unreliable)
         self.stage("stage6", lambda: self.retrain("stage6", "stage4", 2, trained_on, query_lists))
 
+        done = self.manifest["done"]
         if self.dist.is_main:  # the result and its evaluations where eval.py and compare.py look
             with open(os.path.join(self.root, "stage6", "best.pth"), "rb") as f:
                 write_atomic(os.path.join(self.root, "best.pth"), f.read())
-            combine_stage_evals(self.root)
-        done = self.manifest["done"]
-        summary = ", ".join(f"{s} {done[s]['best_miou']:.2f}" for s in ("stage1", "stage4", "stage6"))
-        logger.info(f"CISC-R done: best val mIoU {summary}; result in {os.path.join(self.root, 'best.pth')}")
+            combine_stage_evals(self.root, {stage: done[stage].get("seconds", 0.0) for stage in done})
+        summary = ", ".join(f"{s} {done[s]['best_miou']:.2f}" for s in TRAINING_STAGES)
+        seconds = sum(record.get("seconds", 0.0) for record in done.values())
+        logger.info(
+            f"CISC-R done in {seconds:.0f}s: best val mIoU {summary}; result in "
+            f"{os.path.join(self.root, 'best.pth')}"
+        )
         return done["stage6"]["best_miou"]
 
 

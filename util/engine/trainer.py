@@ -20,7 +20,7 @@ from util.engine.logbook import Logbook
 from util.engine.method import Method
 from util.engine.rng import rng_state, seed_everything, set_rng_state
 from util.engine.saving import Saver, lock_save_path
-from util.engine.stop import GracefulStop, StopRequested, ignore_stop_signals
+from util.engine.stop import StopRequested, ignore_stop_signals, process_stop
 from util.losses import build_labeled_criterion
 from util.metrics import evaluate
 
@@ -162,7 +162,7 @@ class Trainer:
         )
         self.saver = Saver(save_path, self.dist.is_main)
         self.logbook = Logbook(cfg, self.saver, self.dist.is_main)
-        self.stop = GracefulStop(f"rank {self.dist.rank}: " if self.dist.distributed else "")
+        self.stop = process_stop()
 
     def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
         # Rank 0 prepares (and locks) the output folder and the demo data and checks the data; every rank
@@ -482,6 +482,7 @@ class Trainer:
         from tqdm import tqdm
 
         self.stop.install()  # from here on a signal stops after the current step
+        self.stop.agreed = False  # the ranks agree anew in this training's steps
         try:
             self.resume()
             self.start_iteration = self.iteration
