@@ -18,13 +18,16 @@ CISC map S. The default, `ciscr.mode: staged`, is the paper's pipeline (ST++'s s
   5 pseudo-label the unreliable images with M2
   6 train M3 on labeled + all unlabeled images the same way, M2 the teacher: its best.pth is the result
 
-`save_path/stage1`, `stage4`, `stage6` are ordinary training folders (resumed like any run),
+Each training stage trains a fresh network for ciscr.stage_epochs (default: epochs) epochs of its own data,
+as released. `save_path/stage1`, `stage4`, `stage6` are ordinary training folders (resumed like any run),
 `pseudo_labels/stage2`, `stage5` hold one PNG per image, `selection/` the ranked lists, `stages.json` the
-stages done, and `evals.jsonl` (written at the end) every training stage's evaluations, counted in
-iterations from the start of stage 1, of which stage 6's score the run (tools/compare.py). Running the
-same command again continues inside the stage that was interrupted; a finished stage is never redone.
-`ciscr.mode: online` instead runs one UniMatch loop in which an EMA teacher's CISC
-map rectifies the unlabeled losses (a variant that is not in the paper; README, docs/DIFFERENCES.md).
+stages done (with their seconds, and the pseudo-labels' quality where the unlabeled split lists masks),
+and `evals.jsonl` (written at the end) every training stage's evaluations, counted in iterations and
+seconds from the start of stage 1, of which stage 6's score the run (tools/compare.py). A stop signal
+ends the pipeline after the unit of work it is in (exit 75); running the same command again continues
+inside the stage that was interrupted; a finished stage is never redone. `ciscr.mode: online` instead runs
+one UniMatch loop in which an EMA teacher's CISC map rectifies the unlabeled losses (a variant that is not
+in the paper; README, docs/DIFFERENCES.md).
 """
 
 import copy
