@@ -130,6 +130,12 @@ SCHEMA: dict[str, Any] = {
         help="before training, read every labeled and val file (and a sample of unlabeled images): "
         "headers and sizes, or full decodes and mask values",
     ),
+    "pseudo_label_quality": _k(
+        bool,
+        True,
+        help="when the unlabeled split lists masks, measure the pseudo-labels the unlabeled losses train on "
+        "against them (logged; never used for training)",
+    ),
     "eval_interval": _k(int, 0, low=0, help="evaluate every N iterations; 0 = at the end of every epoch"),
     "save_interval": _k(int, 0, low=0, help="write latest.pth every N iterations; 0 = only at evaluations"),
     "log_interval": _k(int, 20, low=1),
@@ -154,9 +160,9 @@ SCHEMA: dict[str, Any] = {
     "unimatch": {
         "fp_labeled": _k(
             bool,
-            False,
-            help="decode a feature-perturbed copy of the labeled images too, as released: it reaches no "
-            "loss but joins the decoder's BN batch statistics",
+            True,
+            help="decode a feature-perturbed copy of the labeled images too, as released (default): it "
+            "reaches no loss but joins the decoder's BN batch statistics; false is faster and measured lower",
         ),
     },
     # --- UCCL (UCCL.py); paper by default, docs/DIFFERENCES.md lists the released code's switches ---
@@ -280,6 +286,13 @@ SCHEMA: dict[str, Any] = {
             float, 1.0, low=0.0, help="weight of each branch's E and AL on the CutMixed unlabeled images"
         ),
         "mc_samples": _k(int, 10, low=1, help="Monte-Carlo logit samples T of the aleatoric loss"),
+        "cutmix": _k(
+            str,
+            "released",
+            choices=("released", "unimatch"),
+            help="released: three boxes covering 25-50% of every image, pasted from another image; unimatch: "
+            "UniMatch's one box on half the images, the partner per mix_partner",
+        ),
         "student_view": _k(
             str,
             "weak",

@@ -150,8 +150,11 @@ class Trainer:
         self.iteration = 0
         self.best_miou, self.best_iteration = -1.0, 0  # the first evaluation always writes best.pth
         self.scaler_skips = 0  # fp16 steps the GradScaler skipped for an overflow (its normal business)
+        # Since iteration 0, across resumes (a resumed run continues from the checkpoint's counts):
         self.train_seconds = 0.0  # wall-clock spent in training steps (evaluations excluded)
-        self.start_iteration = 0  # where this process started (after a resume)
+        self.wall_seconds_before = 0.0  # wall-clock of the run before this process started
+        self.wall_start = time.time()
+        self.timed_from = 0  # the first iteration train_seconds counts
         self.histograms = {}  # the last step's statistics with more than one value
         nets = self.networks.all.values()
         self.guard = NonFiniteGuard(
@@ -317,10 +320,9 @@ class Trainer:
         improved = miou > self.best_miou
         if improved:
             self.best_miou, self.best_iteration = miou, self.iteration
-        seconds = self.train_seconds / max(self.iteration - self.start_iteration, 1)
         self.logbook.evaluation(
             self.iteration, self.total_iters, results, deployed, (self.best_miou, self.best_iteration),
-            seconds, self.networks.deploy, pictures,
+            self.timing(), self.networks.deploy, pictures, self.method.pseudo_labels.take("eval"),
         )  # fmt: skip
         state = self.state_dict()
         # best.pth first: a run killed between the two writes resumes from the older latest.pth,
@@ -339,6 +341,19 @@ class Trainer:
             self.saver.save("best.pth", best, self.iteration)
         self._save_latest(state)
         barrier()
+
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds of the run since iteration 0: this process's and, after a resume, those of
+        the processes before it up to the checkpoint it resumed from."""
+        return self.wall_seconds_before + time.time() - self.wall_start
+
+    def timing(self) -> dict:
+        """Seconds per training step, and the training and wall-clock seconds since iteration 0."""
+        return {
+            "seconds_per_iter": self.train_seconds / max(self.iteration - self.timed_from, 1),
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_seconds(),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -362,6 +377,8 @@ class Trainer:
             "best_iteration": self.best_iteration,
             "nonfinite_steps": self.guard.steps,
             "scaler_skips": self.scaler_skips,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_seconds(),
             "world_size": self.dist.world_size,
             "rng": self._gather(rng_state()),
             "cfg": self.cfg,
@@ -438,6 +455,10 @@ class Trainer:
         self.best_miou, self.best_iteration = state["best_miou"], state["best_iteration"]
         self.guard.steps = state.get("nonfinite_steps", 0)
         self.scaler_skips = state.get("scaler_skips", 0)
+        # checkpoints from before the run's seconds were kept: counted from here on
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.timed_from = 0 if "train_seconds" in state else self.iteration
+        self.wall_seconds_before, self.wall_start = state.get("wall_seconds", 0.0), time.time()
 
     def _warn_about_differences(self, state: dict, path: str) -> None:
         version, ours = state.get("code_version", "unknown"), ckpt.code_version()
@@ -469,7 +490,10 @@ class Trainer:
             )
         if it % cfg["log_interval"] == 0:
             extra = {"lr": self.optimizer.param_groups[0]["lr"], "nonfinite_steps": self.guard.steps}
-            self.logbook.step(it, loss, terms, stats, self.histograms, extra)
+            pseudo_labels = self.method.pseudo_labels.take(
+                "log"
+            )  # a collective, at the same step on every rank
+            self.logbook.step(it, loss, terms, stats, self.histograms, extra, pseudo_labels)
             bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
         if it % (cfg["eval_interval"] or self.iters_per_epoch) == 0 or it == self.total_iters:
             self._eval_and_save()
@@ -483,8 +507,8 @@ class Trainer:
 
         self.stop.install()  # from here on a signal stops after the current step
         try:
+            self.wall_start = time.time()
             self.resume()
-            self.start_iteration = self.iteration
             self.saver.write_config(self.cfg, self.iteration)
             self.logbook.open(self.save_path, self.iteration)
             logger.info(
