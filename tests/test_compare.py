@@ -424,8 +424,8 @@ def test_ctrl_c_stops_the_run_with_latest_saved_and_the_same_command_finishes_it
 
 def test_sigterm_to_compare_alone_reaches_the_run_which_saves_before_compare_ends(fake, leftovers):
     """SIGTERM to compare's process only (a scheduler, `kill PID`): the run gets it too, saves and ends
-    before compare exits 75, instead of training on as an orphan that holds its folder; the same command
-    then trains it to the end, nothing colliding."""
+    before compare exits 75, instead of training on as an orphan that holds its folder. Even a SIGKILLed
+    compare leaves no run behind. The same command then trains them to the end, nothing colliding."""
     root, log = fake["root"], fake["root"].parent / "compare.out"
     command = ["--config", fake["config"], "--methods", fake["scripts"]["base"], "--seeds", "0", "1",
                "--save-root", str(root), "max_iters=6"]  # fmt: skip
@@ -440,8 +440,19 @@ def test_sigterm_to_compare_alone_reaches_the_run_which_saves_before_compare_end
     table = (root / "results.md").read_text()
     assert "| base | 0 | partial | 3 / 6 |" in table and "| base | 1 | missing |" in table
 
+    # SIGKILL, which compare cannot pass on: the run is sent SIGTERM by the kernel, and saves and ends
+    Path(f"{folder}.ready").unlink()
+    proc = start_compare(command, log, WAIT_AT="3")
+    wait_for_files([Path(f"{folder}.ready")], proc, log)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while processes_naming(root.parent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_naming(root.parent) == [] and Path(f"{folder}.stopped").read_text() == "SIGTERM"
+
     (summary,) = compare.main(command)
-    assert [os.path.relpath(c[1], root) for c in calls(fake)] == ["base/seed0", "base/seed0", "base/seed1"]
+    assert [os.path.relpath(c[1], root) for c in calls(fake)] == ["base/seed0"] * 3 + ["base/seed1"]
     assert summary.runs == 2
 
 
