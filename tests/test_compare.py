@@ -4,6 +4,7 @@ import csv
 import fcntl
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -472,24 +473,33 @@ def test_jobs_pin_each_run_to_its_own_core_and_signals_reach_every_run(fake, lef
     assert processes_naming(root.parent) == []
     assert [Path(f"{f}.stopped").read_text() for f in folders] == ["SIGUSR1", "SIGUSR1"]
     started = calls(fake)
-    assert [os.path.relpath(c[1], root) for c in started] == ["base/seed0", "better/seed0"]
+    assert sorted(os.path.relpath(c[1], root) for c in started) == ["base/seed0", "better/seed0"]
     cores = sorted(os.sched_getaffinity(0))
     assert sorted(c[3] for c in started) == [[cores[0]], [cores[1]]] and {c[4] for c in started} == {"1"}
 
 
-def test_jobs_fill_free_slots_seed_by_seed(fake, monkeypatch):
+def test_jobs_fill_free_slots_seed_by_seed(fake, monkeypatch, capsys):
+    """The run that ends first frees its slot (and core) for the next run in seed-by-seed order."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPU cores")
-    monkeypatch.setenv("STEP_SECONDS", "0.2")
+    monkeypatch.setenv("STEP_SECONDS", "0.5")
     root = fake["root"]
     base, better = fake["scripts"]["base"], fake["scripts"]["better"]
-    monkeypatch.setenv("FAIL_ONCE", str(root / "base" / "seed0"))  # ends at once: its slot takes the next run
+    monkeypatch.setenv("FAIL_ONCE", str(root / "base" / "seed0"))  # ends at once; better seed 0 takes 1 s
     command = ["--config", fake["config"], "--methods", base, better, "--seeds", "0", "1",
                "--save-root", str(root), "--jobs", "2", "max_iters=6"]  # fmt: skip
     with pytest.raises(SystemExit):
         compare.main(command)
-    started = [os.path.relpath(c[1], root) for c in sorted(calls(fake), key=lambda c: c[5])]
-    assert started == ["base/seed0", "better/seed0", "base/seed1", "better/seed1"]
+    cores = sorted(os.sched_getaffinity(0))
+    # "[3/4] base seed 1: training in ROOT/base/seed1 (CPU 0)": the order runs started in, and their cores
+    started = re.findall(r"(\[\d/4\] \w+ seed \d): training in \S+ \(CPU (\d+)\)", capsys.readouterr().out)
+    assert started[:3] == [
+        ("[1/4] base seed 0", str(cores[0])), ("[2/4] better seed 0", str(cores[1])),
+        ("[3/4] base seed 1", str(cores[0])),
+    ]  # fmt: skip
+    assert started[3][0] == "[4/4] better seed 1"
+    by_folder = {os.path.relpath(c[1], root): c[3] for c in calls(fake)}
+    assert by_folder["base/seed1"] == by_folder["base/seed0"] == [cores[0]]
     rows = {
         (r["method"], r["seed"]): r["status"] for r in read_csv(root / "results.csv") if r["row"] == "run"
     }

@@ -60,6 +60,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import torch
 import yaml
@@ -672,7 +673,7 @@ class Child:
     job: Job
     process: subprocess.Popen
     slot: int
-    log: object
+    log: TextIO
 
 
 def start_child(job: Job, config: str, nproc: int, slot: int, cores: list[int] | None) -> Child:
