@@ -553,6 +553,18 @@ def test_stop_signals_save_and_the_resumed_runs_end_bit_identical(data, referenc
     assert_same_run(save, reference_one)
 
 
+def test_orphaned_loader_workers_of_a_killed_run_do_not_hold_its_lock(data, tmp_path):
+    """SIGKILL of a run with a loader worker: the worker lives on until it notices (up to 5 s), and must not
+    keep the save path locked: the same command at once resumes instead of stopping (exit 2)."""
+    save, log = tmp_path / "run", tmp_path / "run.log"
+    killed = start([*RUNNER, "--config", data["config"], "--save-path", str(save), "--kill-at", "2",
+                    "num_workers=1"], log)  # fmt: skip
+    assert killed.wait(timeout=600) == -signal.SIGKILL, log.read_text()
+    from util.engine.saving import lock_save_path
+
+    lock_save_path(str(save)).close()  # what the same command does first: it must not be refused
+
+
 def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(data, reference_two, tmp_path):
     save, ready, log = tmp_path / "run", tmp_path / "ready", tmp_path / "job.log"
     command = [*TORCHRUN, *RUNNER[1:], "--config", data["config"], "--save-path", str(save), *TWO]
