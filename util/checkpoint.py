@@ -14,7 +14,7 @@ import subprocess
 import torch
 
 # The guarded reading of weight files lives with the model (model/ imports nothing from util/).
-from model.weights import load_failure_reason, zip_problem
+from model.weights import file_problem, load_failure_reason
 from util.files import write_atomic
 
 # What a training checkpoint (latest.pth / previous.pth) must hold to resume from it.
@@ -93,9 +93,9 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
-def _check_crc(path: str) -> None:
-    """Compare every part of a zip-format checkpoint with the CRC-32 recorded when it was written."""
-    problem = zip_problem(path)
+def _check_bytes(path: str) -> None:
+    """A torch file at all, and every part of a zip-format checkpoint as its CRC-32 recorded it."""
+    problem = file_problem(path)
     if problem is not None:
         raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
 
@@ -108,7 +108,7 @@ def load(path: str) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
-    _check_crc(path)
+    _check_bytes(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickled code refused by weights_only, not a torch file...
