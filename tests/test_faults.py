@@ -693,6 +693,23 @@ def test_eval_prints_the_writer_keeps_split_paths_and_never_writes_data(data, re
     assert {p: p.stat().st_mtime_ns for p in demo.rglob("*")} == before
 
 
+def test_eval_builds_the_model_the_checkpoint_was_trained_as(data, reference_one, capsys):
+    """A --config with another output stride and dilations than the training config: the model is built as
+    trained (the weights load either way: no tensor changes shape), and a warning names the keys."""
+    import eval as evaluation
+
+    best = str(reference_one / "best.pth")
+    trained = evaluation.main(["--config", data["config"], "--checkpoint", best])
+    assert "warning" not in capsys.readouterr().out
+    other = evaluation.main(["--config", data["config"], "--checkpoint", best, "output_stride=8",
+                             "dilations=[4,8,12]"])  # fmt: skip
+    assert other["miou"] == trained["miou"] and np.array_equal(other["iou"], trained["iou"])
+    assert (
+        f"warning: {data['config']} disagrees with the config saved in {best} on the architecture (saved -> "
+        "given): output_stride: 16 -> 8, dilations: [1, 2, 3] -> [4, 8, 12]; the model is built as saved"
+    ) in capsys.readouterr().out
+
+
 def test_bad_data_stops_before_training_listing_the_files(tmp_path):
     """An unreadable validation image and a 1x1 training image: exit 2 before the first step, both named."""
     config = write_config(str(tmp_path), generate=True)
