@@ -91,10 +91,11 @@ def plan_outputs(files: list[str], base: str, out: str) -> list[tuple[str, str]]
 def check_outputs(plan: list[tuple[str, str]], base: str, out: str) -> None:
     """Refuse an --out that would overwrite an input: the images' own folder, or an output path that is one
     of the input files (a glob that also matches files under --out)."""
-    if os.path.realpath(out) == os.path.realpath(base):
+    folder = os.path.realpath(base)
+    if os.path.realpath(out) == folder:
         raise ValueError(
-            f"--out {out} is the folder of the images ({base}): the predictions would overwrite or mix with "
-            "them; choose another folder"
+            f"--out {out} is the folder of the images ({folder}): the predictions would overwrite or mix "
+            "with them; choose another folder"
         )
     inputs = {os.path.realpath(path) for path, _ in plan}
     outputs = [name for _, stem in plan for name in (stem + ".png", stem + "_overlay.png")]

@@ -163,7 +163,7 @@ def test_an_out_that_would_overwrite_inputs_is_refused(tmp_path, capsys, trained
     (images / "sub" / "a.png").write_bytes((images / "a.png").read_bytes())
     before = {p: p.read_bytes() for p in images.rglob("*") if p.is_file()}
     cases = [
-        (images, images, f"--out {images} is the folder of the images ({images})"),
+        (images, images, f"--out {images} is the folder of the images ({os.path.realpath(images)})"),
         # a glob that matches sub/a.png, with --out sub: a.png's prediction would be sub/a.png
         (
             images / "**" / "*.png",

@@ -128,7 +128,7 @@ SCHEMA: dict[str, Any] = {
         "headers",
         choices=("headers", "full", "off"),
         help="before training, read every labeled and val file (and a sample of unlabeled images): "
-        "headers and sizes, or full decodes and mask values",
+        "headers and sizes (and the val masks' values), or full decodes and every mask's values",
     ),
     "eval_interval": _k(int, 0, low=0, help="evaluate every N iterations; 0 = at the end of every epoch"),
     "save_interval": _k(int, 0, low=0, help="write latest.pth every N iterations; 0 = only at evaluations"),
