@@ -128,7 +128,7 @@ SCHEMA: dict[str, Any] = {
         "headers",
         choices=("headers", "full", "off"),
         help="before training, read every labeled and val file (and a sample of unlabeled images): "
-        "headers and sizes, or full decodes and mask values",
+        "headers and sizes (and the val masks' values), or full decodes and every mask's values",
     ),
     "pseudo_label_quality": _k(
         bool,
@@ -510,14 +510,41 @@ def _check_bounds(value, spec: Key, full: str, source: str) -> None:
     for item in items:
         if item is None or isinstance(item, (str, bool)):
             continue
-        if isinstance(item, float) and math.isnan(item):
-            raise ConfigError(f"{source}: key '{full}' must be a number, got {value!r}")
+        # YAML reads `.inf` and a literal beyond float's range (`1e400`) as infinity: never a usable value
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{source}: key '{full}' must be a finite number, got {value!r}")
         if spec.above is not None and not item > spec.above:
             raise ConfigError(f"{source}: key '{full}' must be > {spec.above:g}, got {value!r}")
         if (spec.low is not None and item < spec.low) or (spec.high is not None and item > spec.high):
             low = "-inf" if spec.low is None else spec.low
             high = "inf" if spec.high is None else spec.high
             raise ConfigError(f"{source}: key '{full}' must lie in [{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class Change:
+    """A key whose value differs between two configs; `key` is dotted inside sections ('ctt.hc_weight')."""
+
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old!r} -> {self.new!r}"
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[Change]:
+    """The keys whose values differ from `old` to `new`, section by section, in `new`'s order. Keys that only
+    one of them has (a config written before a key existed) are left out."""
+    changes = []
+    for key, value in new.items():
+        if key not in old:
+            continue
+        if isinstance(value, dict) and isinstance(old[key], dict):
+            changes += config_changes(old[key], value, f"{prefix}{key}.")
+        elif old[key] != value:
+            changes.append(Change(prefix + str(key), old[key], value))
+    return changes
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

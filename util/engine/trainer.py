@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset.check import check_data
 from model.semseg.deeplabv3plus import use_channels_last
 from util import checkpoint as ckpt
-from util.config import ConfigError, check_paths
+from util.config import ConfigError, check_paths, config_changes
 from util.dist import barrier, broadcast_object, init_distributed, is_dist
 from util.engine.guard import NonFiniteError, NonFiniteGuard
 from util.engine.logbook import Logbook
@@ -125,8 +125,10 @@ class Trainer:
     def __init__(self, method_cls: type[Method], cfg: dict, save_path: str | None, source: str = "config"):
         self.dist = init_distributed()
         self.cfg, self.save_path, self.device = cfg, save_path, self.dist.device
-        self._prepare_outputs(source, method_cls.uses_unlabeled)
+        data_warnings = self._prepare_outputs(source, method_cls.uses_unlabeled)
         setup_logging(save_path, self.dist.is_main)
+        for warning in data_warnings:  # what the data check found that trains but looks wrong
+            logger.warning(warning)
         seed_everything(cfg["seed"] + self.dist.rank, cfg["deterministic"])
 
         self.method = method_cls(cfg, build_labeled_criterion(cfg), self.device)
@@ -149,6 +151,7 @@ class Trainer:
         self.method.total_iters = self.total_iters
         self.iteration = 0
         self.best_miou, self.best_iteration = -1.0, 0  # the first evaluation always writes best.pth
+        self.evaluated_at: int | None = None  # the iteration of the last evaluation
         self.scaler_skips = 0  # fp16 steps the GradScaler skipped for an overflow (its normal business)
         # Since iteration 0, across resumes (a resumed run continues from the checkpoint's counts):
         self.train_seconds = 0.0  # wall-clock spent in training steps (evaluations excluded)
@@ -167,10 +170,11 @@ class Trainer:
         self.logbook = Logbook(cfg, self.saver, self.dist.is_main)
         self.stop = GracefulStop(f"rank {self.dist.rank}: " if self.dist.distributed else "")
 
-    def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
-        # Rank 0 prepares (and locks) the output folder and the demo data and checks the data; every rank
-        # stops on its error, or the others would wait forever at the next collective.
-        error, self.lock = None, None
+    def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> list[str]:
+        """Rank 0 prepares (and locks) the output folder and the demo data and checks the data; every rank
+        stops on its error, or the others would wait forever at the next collective. Returns rank 0's
+        warnings about the data (none on the other ranks)."""
+        error, self.lock, warnings = None, None, []
         if self.dist.is_main:
             try:
                 if self.save_path is not None:
@@ -178,13 +182,14 @@ class Trainer:
                     self.lock = lock_save_path(self.save_path)  # held until this process ends
                 prepare_demo_data(self.cfg)
                 check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
-                check_data(self.cfg, uses_unlabeled)  # every file training reads, before training
+                warnings = check_data(self.cfg, uses_unlabeled)  # every file training reads, before training
             except (ConfigError, OSError, ValueError) as err:
                 error = str(err)
         error = broadcast_object(error)
         if error:
             raise ConfigError(error)
         check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)  # every rank: its own filesystem
+        return warnings
 
     def _wrap_networks(self) -> None:
         """Move every network to the device; DDP (and SyncBN on CUDA) around the trained ones; no gradient
@@ -314,6 +319,7 @@ class Trainer:
     def _eval_and_save(self) -> None:
         pictures = {}
         results = self.evaluate(pictures)
+        self.evaluated_at = self.iteration
         # The run's score is the best deployable network's; best.pth holds that network.
         deployed = max(self.networks.deploy, key=lambda name: results[name]["miou"])
         miou = results[deployed]["miou"]
@@ -375,6 +381,7 @@ class Trainer:
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "best_iteration": self.best_iteration,
+            "evaluated_at": self.evaluated_at,
             "nonfinite_steps": self.guard.steps,
             "scaler_skips": self.scaler_skips,
             "train_seconds": self.train_seconds,
@@ -428,8 +435,23 @@ class Trainer:
         self.saver.saved_iteration = self.iteration
         if self.dist.is_main:
             self._warn_about_differences(state, path)
+        if self.iteration > self.total_iters:
+            raise ConfigError(
+                f"{path} holds iteration {self.iteration}, past the end of this run ({self._length()}). "
+                f"Nothing was changed: set max_iters to at least {self.iteration} to continue it, evaluate "
+                "it with eval.py, or give another --save-path to train this run from the start"
+            )
         logger.info(f"resumed from {path} at iteration {self.iteration}/{self.total_iters}")
         return True
+
+    def _length(self) -> str:
+        """The run's length in iterations and the config keys that set it."""
+        if self.cfg["max_iters"]:
+            return f"max_iters={self.total_iters}"
+        return (
+            f"epochs={self.cfg['epochs']} x {self.iters_per_epoch} iterations per epoch = {self.total_iters} "
+            "iterations"
+        )
 
     def load_state_dict(self, state: dict) -> None:
         networks = state.get("networks") or {"model": state["model"]}  # checkpoints before named networks
@@ -453,6 +475,8 @@ class Trainer:
                 buf.copy_(value)
         self.iteration = state["iteration"]
         self.best_miou, self.best_iteration = state["best_miou"], state["best_iteration"]
+        # checkpoints from before it was recorded: as if evaluated where they stopped (nothing is redone)
+        self.evaluated_at = state.get("evaluated_at", self.iteration)
         self.guard.steps = state.get("nonfinite_steps", 0)
         self.scaler_skips = state.get("scaler_skips", 0)
         # checkpoints from before the run's seconds were kept: counted from here on
@@ -470,13 +494,11 @@ class Trainer:
                 f"{self.dist.world_size}: random states are not restored and the data order changes, "
                 "so the run continues but is not identical to an uninterrupted one"
             )
-        if isinstance(state.get("cfg"), dict):
-            changed = sorted(k for k in self.cfg if k in state["cfg"] and state["cfg"][k] != self.cfg[k])
-            if changed:
-                logger.warning(
-                    f"the config differs from the one {path} was trained with: "
-                    + ", ".join(f"{k}: {state['cfg'][k]!r} -> {self.cfg[k]!r}" for k in changed)
-                )
+        changes = config_changes(state["cfg"], self.cfg) if isinstance(state.get("cfg"), dict) else []
+        if changes:
+            logger.warning(
+                f"the config differs from the one {path} was trained with: " + ", ".join(map(str, changes))
+            )
 
     # ------------------------------------------------------------------ the loop
     def _after_step(self, loss: float, terms: dict, stats: dict, bar) -> None:
@@ -522,6 +544,11 @@ class Trainer:
                 dynamic_ncols=True,
             )
             start = time.time()
+            if self.iteration == self.total_iters and self.evaluated_at != self.iteration:
+                # Resumed at the last iteration from a checkpoint written before evaluating it (by a stop or
+                # save_interval, at what a shorter max_iters makes the end): what a finished run has.
+                logger.info(f"iteration {self.iteration} is the last: evaluating it, as a finished run has")
+                self._eval_and_save()
             self._train(bar)
             bar.close()
             if self.iteration < self.total_iters:
