@@ -47,7 +47,7 @@ from dataset.classes import palette
 from dataset.query import FullImages, LabeledClasses, PairedLabeled, PartnerQuery, PseudoLabeled, WithPartner
 from dataset.semi import DataError, SemiDataset, check_same_size, load_mask, read_split
 from model import build_model
-from unimatch import UniMatch, cutmix
+from unimatch import UniMatch, cutmix, trained_on
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths, load_config
 from util.data import TrainingData, _mix, train_loader, validation_loader
@@ -285,18 +285,22 @@ class OnlineCISCR(UniMatch):
         weight, shared = self.rectifying_weight(img_u_w, pseudo_label, img_q, mask_q)
         unrectified = torch.ones_like(weight)
 
-        def rectified(logits, view, pixel_weight):
+        def rectified(logits, view, pixel_weight, stream):
             confident = (view.confidence >= self.cfg["conf_thresh"]).float()
+            self.pseudo_labels.add(
+                stream, view.pseudo_label, pixel_weight * trained_on(view, thresh), view.truth
+            )
             return rectified_cross_entropy(
                 logits, view.pseudo_label, pixel_weight * confident, view.ignore_mask != IGNORE
             )
 
         # each strong view's box comes from the mix image, whose pixels have no partner: weight 1 there
+        thresh = self.cfg["conf_thresh"]
         loss_s1, loss_s2 = (
-            rectified(view.logits, view, cutmix(weight, unrectified, box))
+            rectified(view.logits, view, cutmix(weight, unrectified, box), "s")
             for view, box in zip(p.strong_views, (box1, box2))
         )
-        loss_fp = rectified(p.weak.logits_fp, p.weak, weight)
+        loss_fp = rectified(p.weak.logits_fp, p.weak, weight, "fp")
         losses = {
             "x": self.criterion_l(p.labeled_logits, p.labeled_mask) / 2,
             "s1": loss_s1 * 0.25 / 2,

@@ -77,6 +77,7 @@ class MixedView:
     confidence: torch.Tensor  # (B, H, W) its maximum
     valid: torch.Tensor  # (B, H, W) bool, not crop padding
     paste: torch.Tensor  # (B, H, W) bool: the image's own pixels (elsewhere: the next image's)
+    truth: torch.Tensor | None = None  # (B, H, W) the images' masks mixed the same way (measuring only)
 
 
 @dataclass
@@ -178,8 +179,9 @@ class CTT(Method):
         #    The teachers also give the banks the last step's labeled pixels (when it left any).
         bank_input, self.bank_input = self.bank_input, None
         teacher_a, teacher_b = self.teach("a", img_u_w, bank_input), self.teach("b", img_u_w, bank_input)
-        view_a = self.mixed_view(img_u_s1, valid_u, teacher_b)
-        view_b = self.mixed_view(img_u_s2, valid_u, teacher_a)
+        truth = batch.get("truth", {}).get("unlabeled")  # the unlabeled masks, to measure pseudo-labels only
+        view_a = self.mixed_view(img_u_s1, valid_u, teacher_b, truth)
+        view_b = self.mixed_view(img_u_s2, valid_u, teacher_a, truth)
 
         # 2. Each student on the labeled batch and its own mixed view.
         student_a = self.learn(self.student_a, img_x, view_a.image)
@@ -198,6 +200,10 @@ class CTT(Method):
         }
         stats = {"ct_weight_a": counts[0, 0] / counts[0, 1].clamp(min=1),
                  "ct_weight_b": counts[1, 0] / counts[1, 1].clamp(min=1)}  # fmt: skip
+        for name, view in (("a", view_a), ("b", view_b)):  # CT trains on every valid pixel, one weight
+            self.pseudo_labels.add(
+                name, view.pseudo_label, view.valid * stats[f"ct_weight_{name}"], view.truth
+            )
         if self.contrast:
             losses.update(self.contrast_losses(mask_x, view_a, view_b, student_a, student_b))
             stats["bank_filled"] = torch.stack(
@@ -232,7 +238,13 @@ class CTT(Method):
             teacher.train(train)
         return teacher
 
-    def mixed_view(self, image: torch.Tensor, valid: torch.Tensor, teacher: TeacherView) -> MixedView:
+    def mixed_view(
+        self,
+        image: torch.Tensor,
+        valid: torch.Tensor,
+        teacher: TeacherView,
+        truth: torch.Tensor | None = None,
+    ) -> MixedView:
         """Mixing the teacher's pseudo-label and confidence equals taking them from its mixed softmax."""
         confidence, pseudo_label = teacher.prob.max(dim=1)
         if self.ccfg["mix"] == "classmix":
@@ -246,6 +258,7 @@ class CTT(Method):
             classmix(confidence, paste),
             classmix(valid, paste),
             paste,
+            None if truth is None else classmix(truth, paste),
         )
 
     def learn(self, student, img_x: torch.Tensor, img_u: torch.Tensor) -> StudentOutput:

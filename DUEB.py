@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import build_model
-from unimatch import cutmix
-from util.data import _mix
+from unimatch import cutmix, cutmix_truth
+from util.data import TrainingData, _mix
 from util.engine import Method, Networks, main
 from util.losses import IGNORE
 from util.losses.dueb import aleatoric_loss, energy_loss, global_cross_labels, weighted_cross_entropy
@@ -74,6 +74,15 @@ class DUEB(Method):
             # paper: trained at the head's learning rate; released: in no optimizer, left at its init
             (trained if self.aleatoric == "paper" else frozen).update(heads)
         return Networks(trained=trained, frozen=frozen, evaluate=("branch1",))
+
+    def training_data(self, pin_memory: bool, save_path: str | None, worker_init=None) -> TrainingData:
+        """UniMatch's streams; with dueb.cutmix 'released' every unlabeled image gets three boxes pasted from
+        another image (CPS's masks), else UniMatch's single box on half the images from the mix_partner."""
+        if self.cfg["dueb"]["cutmix"] == "unimatch":
+            return super().training_data(pin_memory, save_path, worker_init)
+        return TrainingData(
+            self.cfg, True, pin_memory, worker_init, cutmix="three_boxes", mix_partner="other_image"
+        )
 
     def forward_branch(self, k: int, image: torch.Tensor) -> BranchOutput:
         """Logits of branch k and, when the aleatoric loss is on, its variance from the decoder feature."""
@@ -133,6 +142,7 @@ class DUEB(Method):
         img_x, mask_x = batch["labeled"]
         img_u, img_u_s, _, ignore_mask, cutmix_box, _ = batch["unlabeled"]
         img_u_mix, img_u_mix_s, _, ignore_mask_mix, _, _ = batch["mix"]
+        truth = batch.get("truth", {})  # the unlabeled images' masks, to measure pseudo-labels only
 
         # 1. Each branch, as its own teacher, predicts both unlabeled images; the predictions are CutMixed
         #    with the box that will mix the images.
@@ -144,6 +154,9 @@ class DUEB(Method):
         # 2. Intersection and union pseudo-labels; disagreements are settled by the classes' conflict rates
         #    in the confusion matrix of the global batch.
         targets = global_cross_labels(pred_1, confidence_1, pred_2, confidence_2, valid, self.cfg["nclass"])
+        truth_mixed = cutmix_truth(truth.get("unlabeled"), truth.get("mix"), cutmix_box)
+        self.pseudo_labels.add("inter", targets.inter_label, targets.inter_weight, truth_mixed)
+        self.pseudo_labels.add("union", targets.union_label, targets.union_weight, truth_mixed)
 
         # 3. Both branches learn from the labeled images and the CutMixed unlabeled image: branch 1 from
         #    the intersection labels, branch 2 from the union labels, weighted by the teachers' confidence.

@@ -5,9 +5,12 @@
         --flip --scales 0.75 1.0 1.25 --save-vis runs/x/vis
     torchrun --nproc_per_node=4 eval.py ...      # each process scores a share of the images
 
-Any checkpoint works: best.pth, latest.pth, or a bare model state dict. The model is built from the
-config (override keys as in training, e.g. `backbone=resnet50`); a checkpoint of another architecture
-stops with the names of the tensors that do not fit.
+Any checkpoint works: best.pth, latest.pth, or a bare model state dict. The config (override keys as in
+training, e.g. `eval_mode=sliding_window`) gives the data and the inference settings. The model is built
+from the config saved in the checkpoint (best.pth and latest.pth hold theirs), and where the config
+disagrees with it on the architecture (backbone, nclass, output stride, dilations, widths), a warning names
+the keys; a bare state dict is built from the config, and one of another architecture stops with the
+names of the tensors that do not fit.
 """
 
 import argparse
@@ -86,6 +89,9 @@ def main(argv=None) -> dict:
         if dist_info.is_main:
             prepare_demo_data(cfg, generate=False)
         state = ckpt.load(args.checkpoint)
+        cfg, changes = ckpt.trained_architecture(cfg, state)
+        if changes and dist_info.is_main:
+            print(ckpt.architecture_warning(args.config, args.checkpoint, changes))
         model = build_model({**cfg, "pretrained": None}).to(dist_info.device)
         if cfg["channels_last"]:
             use_channels_last(model, dist_info.device)

@@ -11,8 +11,11 @@ image with the colours blended over it. A glob keeps the folder structure below 
 folder. Files that are not images are skipped with a warning naming them.
 
 The model is built from the config saved in the checkpoint (best.pth and latest.pth hold it); a bare
-state dict needs `--config`. Inference is eval.py's: whole image or sliding window, flip, scales.
-Class colours come from dataset/classes.py (built in, or a classes file for your own data).
+state dict needs `--config`. With both, `--config` gives the classes and the inference settings, and a
+warning names the architecture keys on which it disagrees with the checkpoint's. Inference is eval.py's:
+whole image or sliding window, flip, scales. Class colours come from dataset/classes.py (built in, or a
+classes file for your own data). An --out that would overwrite an input (the images' own folder, or an
+output that is one of the input files) is refused.
 """
 
 import argparse
@@ -43,7 +46,11 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="best.pth, latest.pth or a model state dict")
     parser.add_argument("--images", required=True, help="a folder, a quoted glob pattern or one file")
     parser.add_argument("--out", required=True, help="folder for the masks and overlays")
-    parser.add_argument("--config", help="build the model from this config instead of the checkpoint's")
+    parser.add_argument(
+        "--config",
+        help="the training config: builds the model of a bare state dict; with a checkpoint that holds its "
+        "config, gives the classes and inference settings only",
+    )
     parser.add_argument("--mode", choices=("original", "sliding_window"), help="default: the config's")
     parser.add_argument("--flip", action="store_true", help="add horizontally flipped predictions")
     parser.add_argument("--scales", type=float, nargs="+", help="multi-scale inference, e.g. 0.75 1.0 1.25")
@@ -75,6 +82,33 @@ def output_stem(path: str, base: str, taken: set) -> str:
     return stem
 
 
+def plan_outputs(files: list[str], base: str, out: str) -> list[tuple[str, str]]:
+    """(input file, output stem) for every file: its prediction goes to <stem>.png and <stem>_overlay.png."""
+    taken = set()
+    return [(path, os.path.join(out, output_stem(path, base, taken))) for path in files]
+
+
+def check_outputs(plan: list[tuple[str, str]], base: str, out: str) -> None:
+    """Refuse an --out that would overwrite an input: the images' own folder, or an output path that is one
+    of the input files (a glob that also matches files under --out)."""
+    folder = os.path.realpath(base)
+    if os.path.realpath(out) == folder:
+        raise ValueError(
+            f"--out {out} is the folder of the images ({folder}): the predictions would overwrite or mix "
+            "with them; choose another folder"
+        )
+    inputs = {os.path.realpath(path) for path, _ in plan}
+    outputs = [name for _, stem in plan for name in (stem + ".png", stem + "_overlay.png")]
+    overwritten = [name for name in outputs if os.path.realpath(name) in inputs]
+    if overwritten:
+        raise ValueError(
+            f"--out {out} would overwrite {len(overwritten)} of the input images: "
+            + ", ".join(overwritten[:5])
+            + ("..." if len(overwritten) > 5 else "")
+            + "; choose another folder"
+        )
+
+
 def load_model(args, device):
     state = ckpt.load(args.checkpoint)
     if args.config:
@@ -85,6 +119,9 @@ def load_model(args, device):
         raise ConfigError(
             f"checkpoint {args.checkpoint} holds no config (a bare state dict?): pass the training --config"
         )
+    cfg, changes = ckpt.trained_architecture(cfg, state)
+    if changes:
+        print(ckpt.architecture_warning(args.config, args.checkpoint, changes))
     missing = [k for k in ("dataset", "nclass", "backbone") if k not in cfg]
     if missing:
         raise ConfigError(f"the config of {args.checkpoint} lacks {', '.join(missing)}")
@@ -108,8 +145,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model, cfg = load_model(args, device)
         files, base = find_images(args.images)
+        plan = plan_outputs(files, base, args.out)
+        check_outputs(plan, base, args.out)
+        model, cfg = load_model(args, device)
         classes = dataset_classes(cfg)
     except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -122,8 +161,8 @@ def main(argv=None) -> int:
     amp_dtype = autocast_dtype(cfg.get("amp", "none"), device) if device.type == "cuda" else None
     print(f"{args.checkpoint}: {len(files)} file(s), mode {mode}, flip {flip}, scales {list(scales)}")
 
-    done, taken = 0, set()
-    for path in files:
+    done = 0
+    for path, stem in plan:
         try:
             image = load_image(path)
         except DataError as err:
@@ -134,7 +173,6 @@ def main(argv=None) -> int:
         with torch.no_grad(), amp:
             probs = predict(model, img, cfg["nclass"], mode, cfg.get("crop_size"), flip, scales)
         pred = probs.argmax(dim=1)[0].cpu().numpy()  # (H, W)
-        stem = os.path.join(args.out, output_stem(path, base, taken))
         save_prediction(image, pred, classes.palette, stem, args.alpha)
         done += 1
     print(

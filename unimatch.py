@@ -51,12 +51,15 @@ class View(SegmentationOutput):
     confidence    float, the max softmax probability that pseudo-label came with
     ignore_mask   IGNORE (255) on crop padding
     cutmix_box    1 where the view shows the mix image (strong views); None for the weak and mix views
+    truth         the images' own masks, mixed like the view, to measure its pseudo-label (never a loss's
+                  input); None when the unlabeled split has no masks
     """
 
     pseudo_label: torch.Tensor
     confidence: torch.Tensor
     ignore_mask: torch.Tensor
     cutmix_box: torch.Tensor | None = None
+    truth: torch.Tensor | None = None
 
 
 def with_targets(out: SegmentationOutput, **targets) -> View:
@@ -106,9 +109,19 @@ def paste_resized(
     return cutmix(resize_feature(image, size), resize_feature(image_mix, size), sample_to_grid(box, size))
 
 
+def cutmix_truth(truth: torch.Tensor | None, truth_mix: torch.Tensor | None, box: torch.Tensor):
+    """The masks of a CutMixed view (for measuring its pseudo-label), or None when there are none."""
+    return None if truth is None or truth_mix is None else cutmix(truth, truth_mix, box)
+
+
 def confidence_and_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K, H, W) logits -> max softmax probability and argmax, each (B, H, W)."""
     return logits.softmax(dim=1).max(dim=1)
+
+
+def trained_on(view: View, thresh: float) -> torch.Tensor:
+    """(B, H, W) bool: the pixels confident_cross_entropy trains on (confident, not crop padding)."""
+    return (view.confidence >= thresh) & (view.ignore_mask != IGNORE)
 
 
 class UniMatch(Method):
@@ -124,6 +137,7 @@ class UniMatch(Method):
         img_x, mask_x = batch["labeled"]
         img_u_w, img_u_s1, img_u_s2, ignore_mask, cutmix_box1, cutmix_box2 = batch["unlabeled"]
         img_u_w_mix, img_u_s1_mix, img_u_s2_mix, ignore_mask_mix, _, _ = batch["mix"]
+        truth = batch.get("truth", {})  # the unlabeled images' masks, to measure pseudo-labels only
         model = self.model
 
         # Pseudo-labels for the pasted regions come from an eval-mode forward of the mix images.
@@ -132,7 +146,10 @@ class UniMatch(Method):
             out_mix = model(img_u_w_mix, features=True)
             conf_mix, label_mix = confidence_and_label(out_mix.logits)
         model.train()
-        mix = with_targets(out_mix, pseudo_label=label_mix, confidence=conf_mix, ignore_mask=ignore_mask_mix)
+        mix = with_targets(
+            out_mix, pseudo_label=label_mix, confidence=conf_mix, ignore_mask=ignore_mask_mix,
+            truth=truth.get("mix"),
+        )  # fmt: skip
 
         img_u_s1 = cutmix(img_u_s1, img_u_s1_mix, cutmix_box1)
         img_u_s2 = cutmix(img_u_s2, img_u_s2_mix, cutmix_box2)
@@ -148,7 +165,13 @@ class UniMatch(Method):
         # Pseudo-labels of the weak view come from the same train-mode forward, without gradient.
         out_w.logits = out_w.logits.detach()
         conf_w, label_w = confidence_and_label(out_w.logits)
-        weak = with_targets(out_w, pseudo_label=label_w, confidence=conf_w, ignore_mask=ignore_mask)
+        weak = with_targets(
+            out_w,
+            pseudo_label=label_w,
+            confidence=conf_w,
+            ignore_mask=ignore_mask,
+            truth=truth.get("unlabeled"),
+        )
 
         # Targets of the strong views: the weak pseudo-label, with the pasted box taken from the mix image.
         strong_views = [
@@ -158,6 +181,7 @@ class UniMatch(Method):
                 confidence=cutmix(weak.confidence, mix.confidence, box),
                 ignore_mask=cutmix(weak.ignore_mask, mix.ignore_mask, box),
                 cutmix_box=box,
+                truth=cutmix_truth(weak.truth, mix.truth, box),
             )
             for out_s_k, box in zip(out_s, (cutmix_box1, cutmix_box2))
         ]
@@ -172,11 +196,13 @@ class UniMatch(Method):
                 view.logits, view.pseudo_label, view.confidence, view.ignore_mask, thresh
             )
             losses[f"s{k}"] = loss_s * 0.25 / 2
+            self.pseudo_labels.add("s", view.pseudo_label, trained_on(view, thresh), view.truth)
         weak = p.weak
         loss_fp = confident_cross_entropy(
             weak.logits_fp, weak.pseudo_label, weak.confidence, weak.ignore_mask, thresh
         )
         losses["fp"] = loss_fp * 0.5 / 2
+        self.pseudo_labels.add("fp", weak.pseudo_label, trained_on(weak, thresh), weak.truth)
 
         valid = weak.ignore_mask != IGNORE
         mask_ratio = ((weak.confidence >= thresh) & valid).sum() / valid.sum().clamp(min=1)

@@ -1,7 +1,7 @@
 """Class names and colour palettes, used for logging per-class IoU and for saving coloured masks.
 
-Pascal, Cityscapes, COCO and the demo have theirs built in. For any other dataset, a classes file gives
-one line per class index, from 0: the name, optionally followed by an R G B colour (0-255)::
+Pascal, Cityscapes, COCO, CamVid and the demo have theirs built in. For any other dataset, a classes file
+gives one line per class index, from 0: the name, optionally followed by an R G B colour (0-255)::
 
     # data/mine/classes.txt
     background 0 0 0
@@ -45,6 +45,13 @@ COCO_CLASSES = (
     "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
 
+# CamVid's 11 classes in the SegNet release's id order (its void id, 11, is 255 after conversion:
+# dataset/camvid.py, which writes these names and CAMVID_COLORS into classes.txt).
+CAMVID_CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian",
+    "bicyclist",
+)  # fmt: skip
+
 # The synthetic demo dataset (dataset/demo.py draws one shape per class index).
 DEMO_CLASSES = ("background", "ellipse", "rectangle", "triangle", "cross", "ring")
 
@@ -52,6 +59,7 @@ CLASS_NAMES = {
     "pascal": PASCAL_CLASSES,
     "cityscapes": CITYSCAPES_CLASSES,
     "coco": COCO_CLASSES,
+    "camvid": CAMVID_CLASSES,
     "demo": DEMO_CLASSES,
 }
 
@@ -61,6 +69,15 @@ CITYSCAPES_COLORS = (
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )  # fmt: skip
+
+# The usual colours of the SegNet CamVid classes, in id order.
+CAMVID_COLORS = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)  # fmt: skip
+
+# Datasets with colours of their own; every other dataset takes the VOC colour map.
+DATASET_COLORS = {"cityscapes": CITYSCAPES_COLORS, "camvid": CAMVID_COLORS}
 
 
 def class_names(dataset, nclass):
@@ -93,12 +110,13 @@ def voc_colormap(n=256):
 def palette(dataset, nclass):
     """Colour palette uint8 (256, 3) for saving masks as paletted PNGs; index 255 (ignore) is white.
 
-    Cityscapes uses its official train-id colours (ids >= 19 are black); every other dataset uses the VOC map.
-    `nclass` is accepted for symmetry with class_names: the palette always has 256 entries.
+    Cityscapes and CamVid use their own colours (ids past their classes are black); every other dataset
+    uses the VOC map. `nclass` is accepted for symmetry with class_names: the palette always has 256 entries.
     """
-    if dataset == "cityscapes":
+    colours = DATASET_COLORS.get(dataset)
+    if colours is not None:
         pal = np.zeros((256, 3), dtype=np.uint8)
-        pal[: len(CITYSCAPES_COLORS)] = np.array(CITYSCAPES_COLORS, dtype=np.uint8)
+        pal[: len(colours)] = np.array(colours, dtype=np.uint8)
     else:
         pal = voc_colormap(256)
     pal[255] = (255, 255, 255)

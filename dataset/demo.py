@@ -15,6 +15,7 @@ Layout (Pascal VOC style, the split files use the usual ``<image> <mask>`` lines
     root/splits/labeled.txt, unlabeled.txt   # a partition of the training images
     root/splits/val.txt
     root/.complete                           # written last; records the parameters (the manifest)
+    root/.demo.lock                          # locked while a process generates the dataset
 
 Usage::
 
@@ -22,18 +23,22 @@ Usage::
 """
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from dataset.classes import DEMO_CLASSES, palette
 from util.files import write_atomic
+from util.lock import LockHeld, lock
 
 MARKER = ".complete"
+LOCK = ".demo.lock"  # held while a process generates the dataset (generation_lock)
 
 # Shapes are drawn this many times larger and box-filtered down, which gives
 # anti-aliased image edges; the mask takes the class where the coverage is >= 50%.
@@ -127,25 +132,68 @@ def ensure_demo(root, generate=True, **kwargs):
 
     Returns True if it generated the dataset. A complete dataset made with other parameters (recorded in
     its marker) is a ValueError naming both; so is a missing one when ``generate`` is False (``eval.py``
-    reads data, it never writes any).
+    reads data, it never writes any). One process generates at a time (generation_lock): another one that
+    starts meanwhile waits, then finds the dataset complete, or made with other parameters (an error).
     """
     wanted = demo_params(**kwargs)
-    found = read_marker(root)
-    if found == wanted:
+    if check_marker(root, wanted):
         return False
-    if found is not None:
-        differ = sorted(k for k in wanted if found.get(k) != wanted[k])
-        made = ", ".join(f"{k}={found.get(k)}" for k in differ)
-        asked = ", ".join(f"{k}={wanted[k]}" for k in differ)
-        raise ValueError(
-            f"{root} holds a demo dataset made with {made}; the config asks for {asked}. It is not "
-            "overwritten: set data_root to another folder, use the parameters it was made with, or delete it "
-            "to generate it again"
-        )
     if not generate:
         raise ValueError(f"no complete demo dataset in {root}: train first, or run python -m dataset.demo")
-    generate_demo(root, **kwargs)
+    with generation_lock(root):
+        if check_marker(root, wanted):  # made by the process this one waited for
+            return False
+        generate_demo(root, **kwargs)
     return True
+
+
+def check_marker(root, wanted):
+    """True when ``root`` holds a complete demo dataset made with the parameters ``wanted``, False when it
+    holds none; a ValueError naming both parameter sets when it holds one made with others."""
+    found = read_marker(root)
+    if found is None:
+        return False
+    if found == wanted:
+        return True
+    differ = sorted(k for k in wanted if found.get(k) != wanted[k])
+    made = ", ".join(f"{k}={found.get(k)}" for k in differ)
+    asked = ", ".join(f"{k}={wanted[k]}" for k in differ)
+    raise ValueError(
+        f"{root} holds a demo dataset made with {made}; the config asks for {asked}. It is not "
+        "overwritten: set data_root to another folder, use the parameters it was made with, or delete it "
+        "to generate it again"
+    )
+
+
+@contextlib.contextmanager
+def generation_lock(root):
+    """Held while one process writes the demo dataset in ``root`` (util.lock on root/LOCK): two runs that
+    start on a fresh data_root would otherwise both write into it, and the folder would end with one's
+    images and the other's marker. Another process's generation is waited for, with a note that says so."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, LOCK)
+    try:
+        try:
+            held = lock(path)
+        except LockHeld as other:
+            print(
+                f"waiting for {other.holder}, which is generating the demo dataset in {root}",
+                file=sys.stderr,
+                flush=True,
+            )
+            held = lock(path, wait=True)
+    except OSError as err:
+        print(
+            f"warning: cannot lock {path} ({err.strerror or err}): two processes generating the demo "
+            "dataset there at once are not prevented",
+            file=sys.stderr,
+        )
+        held = None
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.close()
 
 
 def read_marker(root):
@@ -332,7 +380,8 @@ def main(argv=None):
     root, force = args.pop("root"), args.pop("force")
 
     if force:
-        generate_demo(root, **args)
+        with generation_lock(root):
+            generate_demo(root, **args)
         generated = True
     else:
         try:

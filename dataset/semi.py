@@ -12,6 +12,7 @@ decoding problems and bad mask values are reported, naming the file, when the
 sample is read.
 """
 
+import logging
 import math
 import os
 
@@ -21,7 +22,11 @@ from PIL import Image
 
 from dataset import transforms as T
 
+logger = logging.getLogger("semiseg")
+
 MODES = ("train_l", "train_u", "val")
+CUTMIX_BOXES = ("unimatch", "three_boxes")
+TRUTH = 6  # where an unlabeled sample carries its mask (truth=True); what wraps it appends after
 
 
 class DataError(ValueError):
@@ -45,7 +50,10 @@ class SemiDataset(torch.utils.data.Dataset):
     - ``train_u``: ``(weak, strong1, strong2, ignore_mask, cutmix_box1, cutmix_box2)``;
       ``weak`` is the resized/cropped/flipped image, ``strong1``/``strong2`` are two
       independent colour augmentations of it, ``ignore_mask`` (S, S) long is 255 on the
-      crop padding and 0 elsewhere, the boxes are (S, S) long 0/1 CutMix regions.
+      crop padding and 0 elsewhere, the boxes are (S, S) long 0/1 CutMix regions (UniMatch's
+      single box on half the images, or with ``cutmix='three_boxes'`` three boxes on every image).
+      With ``truth=True`` a seventh item (at ``TRUTH``) follows: the image's own mask, cropped
+      like it ((S, S) long, 255 on void and padding), for measuring pseudo-labels only.
 
     ``nsample`` (``train_l`` only) repeats the labeled list up to ``nsample`` items so
     that one epoch over the labeled set is as long as one over the unlabeled set; a
@@ -62,9 +70,13 @@ class SemiDataset(torch.utils.data.Dataset):
         nsample=None,
         ignore_index=255,
         allow_outside_root=False,
+        truth=False,
+        cutmix="unimatch",
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if cutmix not in CUTMIX_BOXES:
+            raise ValueError(f"cutmix must be one of {CUTMIX_BOXES}, got {cutmix!r}")
         if mode != "val" and crop_size is None:
             raise ValueError(f"mode {mode!r} needs a crop_size")
         self.root = root
@@ -72,10 +84,13 @@ class SemiDataset(torch.utils.data.Dataset):
         self.nclass = nclass
         self.crop_size = crop_size
         self.ignore_index = ignore_index
+        self.cutmix = cutmix
 
-        # Unlabeled masks are never read, so their column is optional (and ignored).
+        # Unlabeled masks are read only to measure pseudo-labels (truth=True, when every line has one),
+        # so their column is optional.
         entries = read_split(id_path, need_mask=mode != "train_u")
-        if mode == "train_u":
+        self.truth = mode == "train_u" and truth and unlabeled_masks_found(entries, id_path, root)
+        if mode == "train_u" and not self.truth:
             entries = [(lineno, img, None) for lineno, img, _ in entries]
         check_paths(entries, id_path, root, allow_outside_root)
         self.samples = [(img, mask) for _, img, mask in entries]
@@ -99,8 +114,16 @@ class SemiDataset(torch.utils.data.Dataset):
 
         if self.mode == "train_u":
             # A zero "label" follows the image through the geometric augmentations so
-            # that the crop padding (filled with 255) can be told apart afterwards.
+            # that the crop padding (filled with 255) can be told apart afterwards; the image's own
+            # mask, when measured against, follows as a second channel.
             mask = np.zeros((img.height, img.width), dtype=np.uint8)
+            if self.truth:
+                full_mask_path = os.path.join(self.root, mask_path)
+                truth = load_mask(full_mask_path, self.nclass, self.ignore_index)
+                check_same_size(
+                    img.size, truth.shape[::-1], os.path.join(self.root, img_path), full_mask_path
+                )
+                mask = np.stack((mask, truth.astype(np.uint8)))
         else:
             full_mask_path = os.path.join(self.root, mask_path)
             mask = load_mask(full_mask_path, self.nclass, self.ignore_index)
@@ -118,12 +141,18 @@ class SemiDataset(torch.utils.data.Dataset):
         if self.mode == "train_l":
             return T.normalize(img, mask)
 
-        ignore_mask = torch.as_tensor(mask).as_subclass(torch.Tensor).long()
+        mask = torch.as_tensor(mask).as_subclass(torch.Tensor).long()
+        ignore_mask, truth = (mask[0], mask[1]) if self.truth else (mask, None)
         strong1 = self.strong(img)
         strong2 = self.strong(img)
-        box1 = T.cutmix_box(self.crop_size, p=0.5)
-        box2 = T.cutmix_box(self.crop_size, p=0.5)
-        return T.normalize(img), T.normalize(strong1), T.normalize(strong2), ignore_mask, box1, box2
+        if self.cutmix == "unimatch":
+            box1 = T.cutmix_box(self.crop_size, p=0.5)
+            box2 = T.cutmix_box(self.crop_size, p=0.5)
+        else:
+            box1 = T.three_boxes(self.crop_size)
+            box2 = T.three_boxes(self.crop_size)
+        sample = (T.normalize(img), T.normalize(strong1), T.normalize(strong2), ignore_mask, box1, box2)
+        return (*sample, truth) if self.truth else sample
 
 
 def read_split(id_path, need_mask):
@@ -147,6 +176,21 @@ def read_split(id_path, need_mask):
     if not entries:
         raise DataError(f"split file is empty: {id_path}")
     return entries
+
+
+def unlabeled_masks_found(entries, id_path, root):
+    """Whether every line of an unlabeled split names a mask that exists (then pseudo-labels can be
+    measured against them); a list with some missing is trained on all the same, with a warning."""
+    masks = [mask for _, _, mask in entries]
+    if any(mask is None for mask in masks):
+        return False
+    missing = [mask for mask in masks if not os.path.isfile(os.path.join(root, mask))]
+    if missing:
+        logger.warning(
+            f"{id_path}: {len(missing)} of its {len(masks)} masks do not exist (e.g. {missing[0]}); the "
+            "pseudo-labels are not measured against them (unlabeled images need no mask)"
+        )
+    return not missing
 
 
 def check_paths(entries, id_path, root, allow_outside_root=False):

@@ -114,6 +114,24 @@ def cutmix_box(size, p=0.5, size_min=0.02, size_max=0.4, ratio_min=0.3, ratio_ma
     return box
 
 
+def three_boxes(size, num_boxes=3, area_range=(0.25, 0.5)):
+    """A (size, size) LongTensor of CutMix regions as CPS and its descendants (CPCL, DUEB) draw them, on
+    every image: `num_boxes` rectangles, each of area a / num_boxes of the crop with a ~ U(area_range) and a
+    random aspect ratio (height share a^u, u ~ U(0, 1)), inside the crop; where boxes overlap they cancel
+    (each box flips the region it covers), so 25-50% of the crop before overlaps."""
+    box = torch.zeros(size, size, dtype=torch.long)
+    shrink = math.sqrt(1.0 / num_boxes)
+    for _ in range(num_boxes):
+        area = random.uniform(*area_range)
+        height_share = math.exp(random.uniform(0.0, 1.0) * math.log(area))
+        cut_h = round(height_share * shrink * size)
+        cut_w = round(area / height_share * shrink * size)
+        y = round((size - cut_h) * random.uniform(0.0, 1.0))
+        x = round((size - cut_w) * random.uniform(0.0, 1.0))
+        box[y : y + cut_h, x : x + cut_w] ^= 1
+    return box
+
+
 def normalize(img, mask=None):
     """PIL image -> float tensor (3, H, W) normalized with ImageNet statistics; mask -> LongTensor (H, W)."""
     img = F.to_dtype(F.to_image(img), torch.float32, scale=True)

@@ -30,15 +30,26 @@ class WeightsError(ValueError):
     """A weight file or weight name that cannot be used; the message names it."""
 
 
-def zip_problem(path: str) -> str | None:
-    """What is wrong with a zip-format torch file (no end record, a part whose CRC-32 fails), or None.
+ZIP_MAGIC = b"PK\x03\x04"  # torch's format since 1.6
+PICKLE_PROTO = 0x80  # the first byte of a pickle of protocol 2 or later, such as torch's legacy format
 
-    Files in the legacy (pre-1.6) format, or not torch files at all, give None: torch.load decides.
+
+def file_problem(path: str) -> str | None:
+    """What the bytes of a file to torch.load show to be wrong, or None (torch.load decides).
+
+    A file that is neither a zip archive nor a pickle (random bytes, an image, a text file) is not a torch
+    file at all; torch's weights-only unpickler would read its first bytes as unknown instructions. A zip
+    archive must have its end record and every part must match its CRC-32.
     """
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"PK\x03\x04":
+    if magic[:1] == bytes([PICKLE_PROTO]):
         return None
+    if magic != ZIP_MAGIC:
+        return (
+            "it is not a torch checkpoint: neither torch's zip format nor a pickle (its first bytes are "
+            f"{magic.hex(' ')}); nothing in it was run"
+        )
     if not zipfile.is_zipfile(path):
         return (
             "it is truncated or damaged (a zip archive, torch's format, without its end record; "
@@ -61,22 +72,28 @@ def load_failure_reason(err: Exception) -> str:
     """Why torch.load(weights_only=True) failed, in words (without torch's advice to drop weights_only)."""
     text = str(err)
     if "Weights only load failed" in text:
-        found = re.search(r"GLOBAL \S+|Unsupported operand \S+", text)
+        found = re.search(r"GLOBAL \S+", text)
+        if found:  # a reference to a function or class: what pickled code is made of
+            return (
+                f"it holds pickled code or objects other than tensors ({found.group(0)}); refused by "
+                "torch.load(weights_only=True), nothing in it was executed"
+            )
+        found = re.search(r"Unsupported operand \S+", text)
         what = f" ({found.group(0)})" if found else ""
         return (
-            f"it holds pickled code or objects other than tensors{what}; refused by "
-            "torch.load(weights_only=True), nothing in it was executed"
+            f"it is not a checkpoint torch.load(weights_only=True) can read: a pickle with instructions it "
+            f"refuses{what}; nothing in it was executed"
         )
     return f"not a readable torch checkpoint ({type(err).__name__}: {text.strip()})"
 
 
 def load_weights_file(path: str, what: str = "weights"):
-    """torch.load on the CPU with weights_only=True, after the zip CRC check; errors name the file."""
+    """torch.load on the CPU with weights_only=True, after file_problem's checks; errors name the file."""
     if not os.path.isfile(path):
         raise WeightsError(f"{what} not found: {path}")
     if os.path.getsize(path) == 0:
         raise WeightsError(f"cannot load {what} from '{path}': the file is empty (0 bytes)")
-    problem = zip_problem(path)
+    problem = file_problem(path)
     if problem is not None:
         raise WeightsError(f"cannot load {what} from '{path}': {problem}")
     try:

@@ -1,6 +1,11 @@
 """The synthetic demo dataset and the split writer."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +14,7 @@ from PIL import Image
 from dataset import demo
 from dataset.demo import DEMO_CLASSES, ensure_demo, generate_demo
 from dataset.semi import SemiDataset
+from tests.test_training import ROOT
 from tools import make_splits
 
 TINY = dict(num_train=40, num_val=8, size=48, labeled_fraction=0.1)
@@ -176,6 +182,50 @@ def test_demo_cli(tmp_path):
     demo.main(args)
     assert len(read_lines(tmp_path / "splits" / "unlabeled.txt")) == 4
     assert ensure_demo(str(tmp_path), num_train=5, num_val=1, size=16, shapes_per_image=(1, 1)) is False
+
+
+def wait_until(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_two_generations_on_one_fresh_folder_never_mix_it(tmp_path):
+    """Two first runs on one fresh data_root with other demo.num_train: the second waits for the first to
+    finish, then stops naming both parameter sets; the folder holds the first one's dataset, whole."""
+    root = tmp_path / "demo"
+    command = [sys.executable, "-m", "dataset.demo", "--root", str(root), "--size", "16", "--num-val", "2"]
+
+    def start(num_train):  # output to a file: a pipe could fill up and block it
+        with open(tmp_path / f"{num_train}.log", "w") as log:
+            return subprocess.Popen(
+                [*command, "--num-train", str(num_train)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def log(num_train):
+        return (tmp_path / f"{num_train}.log").read_text()
+
+    first = start(300)
+    try:
+        wait_until(lambda: (root / "JPEGImages").is_dir() or first.poll() is not None, "the first generation")
+        first.send_signal(signal.SIGSTOP)  # paused in the middle of writing the images
+        assert first.poll() is None, log(300)
+        second = start(200)
+        wait_until(lambda: "waiting for" in log(200) or second.poll() is not None, "the second generation")
+        assert second.poll() is None, f"the second generation did not wait for the first:\n{log(200)}"
+        assert f"waiting for host {socket.gethostname()}, PID {first.pid}," in log(200)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=60) == 0, log(300)
+    assert second.wait(timeout=60) != 0
+    made = f"{root} holds a demo dataset made with num_train=300; the config asks for num_train=200"
+    assert made in log(200)
+    assert demo.read_marker(str(root))["num_train"] == 300
+    assert len(os.listdir(root / "JPEGImages")) == 302
+    train = read_lines(root / "splits" / "labeled.txt") + read_lines(root / "splits" / "unlabeled.txt")
+    assert len(train) == 300
 
 
 # ---------------------------------------------------------------------------

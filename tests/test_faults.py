@@ -8,6 +8,7 @@ The faults are injected by tests/run_training.py (test-only flags); the library 
 """
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -138,6 +139,26 @@ def test_a_wrong_dict_is_not_resumed_from(tmp_path):
     path, state, problems = ckpt.find_resumable(str(tmp_path))
     assert (path, state) == (None, None) and problems[0][0] == str(tmp_path / "latest.pth")
     assert ckpt.find_resumable(str(tmp_path / "empty")) == (None, None, [])
+
+
+def test_random_bytes_are_not_reported_as_pickled_code(tmp_path):
+    """Random bytes as latest.pth: reported as what they are, and the run resumes from previous.pth."""
+    latest, previous = tmp_path / "latest.pth", tmp_path / "previous.pth"
+    latest.write_bytes(np.random.default_rng(0).bytes(100_000))  # starts 5f 82: neither a zip nor a pickle
+    state = {key: {} for key in ckpt.TRAINING_KEYS}
+    state.update(iteration=4, best_miou=1.0, best_iteration=3, world_size=1, rng=[{}])
+    ckpt.save_atomic(state, str(previous))
+    path, found, problems = ckpt.find_resumable(str(tmp_path))
+    assert (path, found["iteration"]) == (str(previous), 4)
+    [(bad, reason)] = problems
+    assert bad == str(latest) and "it is not a torch checkpoint" in reason and "5f 82" in reason, reason
+    assert "pickled code" not in reason
+
+    from model.weights import WeightsError, load_weights_file
+
+    with pytest.raises(WeightsError, match=r"it is not a torch checkpoint") as refused:
+        load_weights_file(str(latest), "pretrained weights")
+    assert "pickled code" not in str(refused.value)
 
 
 def test_max_nonfinite_steps_is_validated(tmp_path):
@@ -558,6 +579,18 @@ def test_stop_signals_save_and_the_resumed_runs_end_bit_identical(data, referenc
     assert_same_run(save, reference_one)
 
 
+def test_orphaned_loader_workers_of_a_killed_run_do_not_hold_its_lock(data, tmp_path):
+    """SIGKILL of a run with a loader worker: the worker lives on until it notices (up to 5 s), and must not
+    keep the save path locked: the same command at once resumes instead of stopping (exit 2)."""
+    save, log = tmp_path / "run", tmp_path / "run.log"
+    killed = start([*RUNNER, "--config", data["config"], "--save-path", str(save), "--kill-at", "2",
+                    "num_workers=1"], log)  # fmt: skip
+    assert killed.wait(timeout=600) == -signal.SIGKILL, log.read_text()
+    from util.engine.saving import lock_save_path
+
+    lock_save_path(str(save)).close()  # what the same command does first: it must not be refused
+
+
 def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(data, reference_two, tmp_path):
     save, ready, log = tmp_path / "run", tmp_path / "ready", tmp_path / "job.log"
     command = [*TORCHRUN, *RUNNER[1:], "--config", data["config"], "--save-path", str(save), *TWO]
@@ -591,6 +624,47 @@ def test_resuming_another_methods_run_is_refused(data, reference_one, tmp_path):
     assert (state["method_name"], state["code_version"]) == ("UniMatch", version)
 
 
+def train_in_process(config, save, overrides=()):
+    """Trainer(...).fit() of UniMatch in this process: what the entry script runs, minus the exit status."""
+    from unimatch import UniMatch
+    from util.engine import Trainer
+
+    try:
+        return Trainer(UniMatch, load_config(config, list(overrides)), save).fit()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_resume_past_max_iters_stops_and_at_max_iters_evaluates(data, reference_one, tmp_path):
+    """A checkpoint past the end of the run: exit 2 naming max_iters, nothing changed. One at the end but not
+    evaluated there (a periodic save): it is evaluated; best.pth and evals.jsonl are a finished run's."""
+    save = tmp_path / "run"
+    shutil.copytree(reference_one, save)
+    os.replace(save / "previous.pth", save / "latest.pth")  # iteration 4: save_interval's, evaluated at 3
+    latest = (save / "latest.pth").read_bytes()
+    past = rf"{save / 'latest.pth'} holds iteration 4, past the end of this run \(max_iters=3\)"
+    with pytest.raises(ConfigError, match=past):
+        train_in_process(data["config"], str(save), ["max_iters=3"])
+    assert (save / "latest.pth").read_bytes() == latest
+
+    best = train_in_process(data["config"], str(save), ["max_iters=4"])
+    rows = [json.loads(line) for line in (save / "evals.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [3, 4]
+    assert best == max(row["miou"] for row in rows) >= 0
+    assert ckpt.load(str(save / "best.pth"))["miou"] == best
+    assert ckpt.load_training_state(str(save / "latest.pth"))["evaluated_at"] == 4
+
+
+def test_a_changed_key_of_a_section_is_named_on_resume(data, reference_one, tmp_path, capsys):
+    save = tmp_path / "run"
+    shutil.copytree(reference_one, save)
+    train_in_process(data["config"], str(save), ["ctt.hc_weight=0.2"])  # finished: resumes and ends
+    changed = (
+        f"the config differs from the one {save / 'latest.pth'} was trained with: ctt.hc_weight: 0.1 -> 0.2\n"
+    )
+    assert changed in capsys.readouterr().out
+
+
 def test_eval_prints_the_writer_keeps_split_paths_and_never_writes_data(data, reference_one, tmp_path):
     demo = data["dir"] / "demo"
     # Two validation images of one file name in different folders.
@@ -622,6 +696,23 @@ def test_eval_prints_the_writer_keeps_split_paths_and_never_writes_data(data, re
     out = run([*evaluate, "demo.size=48"], expect=2)
     assert f"{demo} holds a demo dataset made with size=32; the config asks for size=48" in out
     assert {p: p.stat().st_mtime_ns for p in demo.rglob("*")} == before
+
+
+def test_eval_builds_the_model_the_checkpoint_was_trained_as(data, reference_one, capsys):
+    """A --config with another output stride and dilations than the training config: the model is built as
+    trained (the weights load either way: no tensor changes shape), and a warning names the keys."""
+    import eval as evaluation
+
+    best = str(reference_one / "best.pth")
+    trained = evaluation.main(["--config", data["config"], "--checkpoint", best])
+    assert "warning" not in capsys.readouterr().out
+    other = evaluation.main(["--config", data["config"], "--checkpoint", best, "output_stride=8",
+                             "dilations=[4,8,12]"])  # fmt: skip
+    assert other["miou"] == trained["miou"] and np.array_equal(other["iou"], trained["iou"])
+    assert (
+        f"warning: {data['config']} disagrees with the config saved in {best} on the architecture (saved -> "
+        "given): output_stride: 16 -> 8, dilations: [1, 2, 3] -> [4, 8, 12]; the model is built as saved"
+    ) in capsys.readouterr().out
 
 
 def test_bad_data_stops_before_training_listing_the_files(tmp_path):
@@ -667,6 +758,44 @@ def test_data_check_levels_and_the_dataset_itself_name_bad_files(tmp_path):
         dataset[index]
 
 
+def test_validation_mask_values_are_checked_before_training(tmp_path):
+    """A class id out of range in a validation mask stops the run before training (default check_data), not
+    at the first evaluation with that interval lost."""
+    from dataset.check import check_data
+    from dataset.semi import DataError
+
+    cfg = load_config(write_config(str(tmp_path), generate=True))
+    assert cfg["check_data"] == "headers"
+    mask = tmp_path / "demo" / "SegmentationClass" / "val_00001.png"
+    original = Image.open(mask)
+    values = np.array(original)
+    values[0, 0] = 200
+    changed = Image.fromarray(values)
+    changed.putpalette(original.getpalette())
+    changed.save(mask)
+    with pytest.raises(DataError, match=rf"mask {mask} has values \[200\] outside \[0, 6\)"):
+        check_data(cfg, need_unlabeled=True)
+
+
+def test_overlapping_lists_and_too_large_nclass_are_warned_about(tmp_path, capsys):
+    """Both train; the log says what looks wrong: the unlabeled list is the labeled one, and nclass=7 on
+    the demo's six classes (its masks and its class names)."""
+    from unimatch import UniMatch
+    from util.engine import Trainer
+
+    config = write_config(str(tmp_path), generate=True)
+    labeled = tmp_path / "demo" / "splits" / "labeled.txt"
+    cfg = load_config(config, ["nclass=7", f"unlabeled_id_path={labeled}"])
+    try:
+        Trainer(UniMatch, cfg, None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    out = capsys.readouterr().out
+    assert f"6 of the 6 images of unlabeled_id_path {labeled} are also in labeled_id_path {labeled}" in out
+    assert "nclass is 7, but the 4 validation masks read hold class ids up to 5 only" in out
+    assert "nclass is 7, but dataset 'demo' has 6 classes" in out
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -677,7 +806,10 @@ def test_data_check_levels_and_the_dataset_itself_name_bad_files(tmp_path):
         ("save_interval=-1", r"'save_interval' must lie in \[0, inf\], got -1"),
         ("momentum=-1", r"'momentum' must lie in \[0, 1\], got -1"),
         ("weight_decay=-0.1", r"'weight_decay' must lie in \[0, inf\], got -0.1"),
-        ("momentum=.nan", r"'momentum' must be a number, got nan"),
+        ("momentum=.nan", r"'momentum' must be a finite number, got nan"),
+        ("lr=1e400", r"'lr' must be a finite number, got inf"),  # beyond float's range: infinity
+        ("demo.max_rotation=.inf", r"'demo.max_rotation' must be a finite number, got inf"),  # no bounds
+        ("eval_scales=[1.0,.inf]", r"'eval_scales' must be a finite number, got \[1.0, inf\]"),
     ],
 )
 def test_config_values_out_of_bounds_stop_before_anything_is_created(tmp_path, capsys, override, message):

@@ -38,20 +38,21 @@ UCCL_RELEASED = {"sbu": "released", "ckr": "released", "feature": "decoder", "si
 MLCL_RELEASED = {"fka_feature": "decoder", "p2p_weight": 0.0, "proto_pairing": "positional",
                  "anchor_selection": "released", "proto_denominator": "strong", "ema_update": "released",
                  "sai_feature": "decoder", "sai_strength": "released"}  # fmt: skip
-# The released feature-perturbation pass, which also decodes a perturbed copy of the labeled images.
-FP_LABELED = {"fp_labeled": True}
+# The feature-perturbation pass without the perturbed copy of the labeled images (the default, as released,
+# decodes it too).
+FP_UNLABELED = {"fp_labeled": False}
 MLCL_TINY = {"anchor_thresh": 0.38, "num_anchors": 3, "num_strong": 5}  # selections that fit a 9 x 9 grid
 
 CASES = {
     "unimatch": (UniMatch, {}),
-    "unimatch_fp_labeled": (UniMatch, {"unimatch": FP_LABELED}),
+    "unimatch_fp_unlabeled": (UniMatch, {"unimatch": FP_UNLABELED}),
     "supervised": (Supervised, {}),
     # OHEM with the (min_kept)-th smallest true-class probability above ohem_thresh: that value decides
     "supervised_ohem": (Supervised, {"criterion": "OHEM", "ohem_thresh": 0.3, "ohem_min_kept": 1000}),
-    "UCCL": (UCCL, {"uccl": {"uncertain_thresh": 0.4}}),
-    "UCCL_released": (UCCL, {"uccl": UCCL_RELEASED, "unimatch": FP_LABELED}),
-    "MLCL": (MLCL, {"mlcl": MLCL_TINY}),
-    "MLCL_released": (MLCL, {"mlcl": {**MLCL_TINY, **MLCL_RELEASED}, "unimatch": FP_LABELED}),
+    "UCCL": (UCCL, {"uccl": {"uncertain_thresh": 0.4}, "unimatch": FP_UNLABELED}),
+    "UCCL_released": (UCCL, {"uccl": UCCL_RELEASED}),
+    "MLCL": (MLCL, {"mlcl": MLCL_TINY, "unimatch": FP_UNLABELED}),
+    "MLCL_released": (MLCL, {"mlcl": {**MLCL_TINY, **MLCL_RELEASED}}),
 }
 
 
@@ -92,10 +93,10 @@ def run_steps(name: str) -> list[dict[str, float]]:
 
 
 # Made by `python tests/test_loss_pins.py` (values to 8 significant digits).
-# Re-pinned when the feature-perturbation pass stopped decoding a perturbed copy of the labeled images
-# (it reaches no loss; its rows changed the decoder's BN batch statistics and the dropout draws), which
-# moves every term of unimatch, UCCL and MLCL. unimatch.fp_labeled=true keeps the old pass: the
-# unimatch_fp_labeled, UCCL_released and MLCL_released pins are the values from before the change.
+# The default feature-perturbation pass also decodes a perturbed copy of the labeled images, as released
+# (it reaches no loss; its rows change the decoder's BN batch statistics and the dropout draws): the
+# unimatch, UCCL_released and MLCL_released pins. unimatch.fp_labeled=false leaves it out: the
+# unimatch_fp_unlabeled, UCCL and MLCL pins.
 PINS = {
     "MLCL": [
         {
@@ -220,12 +221,12 @@ PINS = {
         {"x": 1.2441156},
         {"x": 1.2378056},
     ],
-    "unimatch": [
+    "unimatch_fp_unlabeled": [
         {"x": 0.56251621, "s1": 0.025996067, "s2": 0.025565356, "fp": 0.088807851},
         {"x": 0.55387837, "s1": 0.030990256, "s2": 0.034466453, "fp": 0.086370945},
         {"x": 0.55995429, "s1": 0.012095205, "s2": 0.015413281, "fp": 0.037780385},
     ],
-    "unimatch_fp_labeled": [
+    "unimatch": [
         {"x": 0.55481428, "s1": 0.021767711, "s2": 0.020049216, "fp": 0.070627443},
         {"x": 0.55503017, "s1": 0.031775892, "s2": 0.026966929, "fp": 0.064852804},
         {"x": 0.55979317, "s1": 0.01003335, "s2": 0.0094769914, "fp": 0.024017969},

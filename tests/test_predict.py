@@ -21,6 +21,13 @@ CFG = {
 }  # fmt: skip
 
 
+# CFG as a training config file
+CONFIG = (
+    "dataset: pascal\ndata_root: .\nnclass: 5\ncrop_size: 24\nval_id_path: v.txt\nbackbone: resnet18\n"
+    "backbone_width: 8\nhead_channels: 16\ndilations: [1, 2, 3]\nepochs: 1\nbatch_size: 1\nlr: 0.1\n"
+)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A best.pth-like checkpoint of a small random model whose predictions vary across the image."""
@@ -107,10 +114,7 @@ def test_bare_state_dict_needs_a_config(tmp_path, capsys, trained):
     assert info.value.code == 2 and f"checkpoint {bare} holds no config" in capsys.readouterr().err
 
     config = tmp_path / "cfg.yaml"
-    config.write_text(
-        "dataset: pascal\ndata_root: .\nnclass: 5\ncrop_size: 24\nval_id_path: v.txt\nbackbone: resnet18\n"
-        "backbone_width: 8\nhead_channels: 16\ndilations: [1, 2, 3]\nepochs: 1\nbatch_size: 1\nlr: 0.1\n"
-    )
+    config.write_text(CONFIG)
     args = ["--checkpoint", str(bare), "--config", str(config), "--images", str(images / "gray.png")]
     assert predict.main([*args, "--out", str(tmp_path / "o")]) == 1
     pred, _ = expected(model, images / "gray.png")
@@ -133,3 +137,42 @@ def test_pickled_checkpoint_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         predict.main(["--checkpoint", str(evil), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
     assert info.value.code == 2 and "pickled code" in capsys.readouterr().err
+
+
+def test_a_config_of_another_architecture_is_named_and_the_model_built_as_saved(tmp_path, capsys, trained):
+    path, model = trained
+    images = tmp_path / "images"
+    image_folder(images)
+    config = tmp_path / "other.yaml"
+    config.write_text(CONFIG.replace("dilations: [1, 2, 3]", "dilations: [2, 4, 6]\noutput_stride: 8"))
+    out = tmp_path / "out"
+    assert predict.main(["--checkpoint", path, "--config", str(config), "--images", str(images / "a.jpg"),
+                         "--out", str(out)]) == 1  # fmt: skip
+    pred, _ = expected(model, images / "a.jpg")
+    assert np.array_equal(np.array(Image.open(out / "a.png")), pred)
+    assert (
+        f"warning: {config} disagrees with the config saved in {path} on the architecture (saved -> given): "
+        "output_stride: 16 -> 8, dilations: [1, 2, 3] -> [2, 4, 6]; the model is built as saved"
+    ) in capsys.readouterr().out
+
+
+def test_an_out_that_would_overwrite_inputs_is_refused(tmp_path, capsys, trained):
+    path, _ = trained
+    images = tmp_path / "images"
+    image_folder(images)  # a.jpg's prediction would be a.png, one of the inputs
+    (images / "sub" / "a.png").write_bytes((images / "a.png").read_bytes())
+    before = {p: p.read_bytes() for p in images.rglob("*") if p.is_file()}
+    cases = [
+        (images, images, f"--out {images} is the folder of the images ({os.path.realpath(images)})"),
+        # a glob that matches sub/a.png, with --out sub: a.png's prediction would be sub/a.png
+        (
+            images / "**" / "*.png",
+            images / "sub",
+            f"would overwrite 1 of the input images: {images / 'sub' / 'a.png'}",
+        ),
+    ]
+    for spec, out, message in cases:
+        with pytest.raises(SystemExit) as info:
+            predict.main(["--checkpoint", path, "--images", str(spec), "--out", str(out)])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in images.rglob("*") if p.is_file()} == before

@@ -114,9 +114,12 @@ def test_bad_inputs_stop_with_a_message(tiny_config, tmp_path):
     empty.write_text("\n")
     out = run([*train, f"labeled_id_path={empty}"], expect=2)
     assert str(empty) in out and "empty" in out
-    # A checkpoint of another architecture is refused by eval.py with the tensors that do not fit.
+    # A bare state dict of another architecture is refused by eval.py with the tensors that do not fit
+    # (best.pth holds its config, which the model is built from).
     run([*train, "max_iters=3"])
-    out = run([sys.executable, "eval.py", "--config", tiny_config, "--checkpoint", str(save / "best.pth"),
+    bare = tmp_path / "bare.pth"
+    torch.save(torch.load(save / "best.pth", weights_only=True)["model"], bare)
+    out = run([sys.executable, "eval.py", "--config", tiny_config, "--checkpoint", str(bare),
                "backbone_width=16"], expect=2)  # fmt: skip
     assert "does not fit this model" in out and "size mismatch for backbone.conv1.weight" in out
     # A mask with a value outside the classes stops training with the file's name; best.pth survives.

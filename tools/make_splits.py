@@ -38,6 +38,23 @@ trained on them are not comparable with published tables)::
 
 Each preset also writes ``val.txt`` (and ``train.txt``, the full training list).
 Fractions are rounded up, as in UniMatch's published splits (1/16 of 10582 -> 662).
+
+CamVid, from the SegNet release (``train/``, ``trainannot/``, ``val/``, ``valannot/``, ``test/``,
+``testannot/``), converted into the project's layout in the data root: ``JPEGImages/``,
+``SegmentationClass/`` (void 11 -> 255), ``classes.txt`` and the lists ``train.txt``, ``val.txt``,
+``test.txt`` (dataset/camvid.py). ``--scale 0.25`` gives 120x90, the resolution of configs/camvid.yaml::
+
+    python tools/make_splits.py camvid --source CamVid --data-root data/camvid --scale 0.25
+
+and seeded labeled draws from its ``train.txt`` (``<n>/labeled.txt``, ``<n>/unlabeled.txt``, and copies of
+``train.txt`` and ``val.txt``). The partitions of the README's CamVid table are the ones shipped in
+``splits/camvid/`` (not drawn by this command); a new draw is another partition::
+
+    python tools/make_splits.py camvid --data-root data/camvid --labeled 12 23 46 92 --seed 1 \
+        --out splits/camvid_seed1
+
+Both leave a file that already holds the same content as it is and stop, writing nothing, where one holds
+other content (``--overwrite`` replaces it).
 """
 
 import argparse
@@ -49,10 +66,16 @@ import sys
 from collections import Counter
 from fractions import Fraction
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dataset.camvid import convert_camvid  # noqa: E402
+from util.files import holds_text, write_atomic  # noqa: E402
+
 PASCAL_COUNTS = (92, 183, 366, 732, 1464)
 PASCAL_FRACTIONS = ("1_16", "1_8", "1_4", "1_2")
 CITYSCAPES_FRACTIONS = ("1_16", "1_8", "1_4", "1_2")
 COCO_FRACTIONS = ("1_512", "1_256", "1_128", "1_64", "1_32")
+CAMVID_COUNTS = (12, 23, 46, 92)
 
 
 # ---------------------------------------------------------------------------
@@ -145,10 +168,29 @@ def check_unique(lines, name):
         seen.add(line)
 
 
+def list_text(lines):
+    return "".join(line + "\n" for line in lines)
+
+
 def write_list(path, lines):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
+    write_atomic(path, list_text(lines))
+
+
+def write_lists_or_none(out, lists, overwrite=False):
+    """Write ``lists`` (path relative to ``out`` -> lines), or, where a file there already holds other lines
+    and not ``overwrite``, nothing: a new draw never replaces a partition unasked."""
+    texts = {os.path.join(out, name): list_text(lines) for name, lines in lists.items()}
+    different = [path for path, text in texts.items() if os.path.exists(path) and not holds_text(path, text)]
+    if different and not overwrite:
+        raise FileExistsError(
+            f"{len(different)} file(s) in {out} hold other lines, e.g. {different[0]}; nothing was written "
+            "(pass --overwrite to replace them)"
+        )
+    for path, text in texts.items():
+        if not holds_text(path, text):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomic(path, text)
 
 
 def write_split(out_dir, labeled, unlabeled):
@@ -317,6 +359,33 @@ def folder_lists(data_root, images="images", masks="masks", val="0", seed=0):
     )
 
 
+def camvid_draws(data_root, counts=CAMVID_COUNTS, seed=0):
+    """Seeded labeled draws from a converted CamVid's train.txt: file name -> lines.
+
+    ``<n>/labeled.txt`` is ``split_labeled``'s draw of n training lines, ``<n>/unlabeled.txt`` the rest of
+    the training list; ``train.txt`` and ``val.txt`` are copies of the data root's, beside the partitions.
+    """
+    train_path, val_path = os.path.join(data_root, "train.txt"), os.path.join(data_root, "val.txt")
+    for path in (train_path, val_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: convert CamVid into {data_root} first (--source)")
+    train = read_list(train_path)
+    lists = {"train.txt": train, "val.txt": read_list(val_path)}
+    for num in counts:
+        labeled, unlabeled = split_labeled(train, num=num, seed=seed, train_name=train_path)
+        lists[f"{num}/labeled.txt"] = labeled
+        lists[f"{num}/unlabeled.txt"] = unlabeled
+    return lists
+
+
+def parse_size(text):
+    """'120x90' -> (120, 90), width first."""
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 120x90, got {text!r}")
+    return int(width), int(height)
+
+
 def write_coco_unlabeled(data_root, splits):
     """unlabeled.txt beside every labeled.txt under ``splits``: the train2017/ images not labeled."""
     # Unlabeled images need no mask, so the masks are not looked for.
@@ -362,6 +431,20 @@ def main(argv=None):
     folder.add_argument("--val", default="0", help="masked images held out for validation: 50 or 1/10")
     folder.add_argument("--out", required=True, help="folder for train.txt, masked.txt and val.txt")
     folder.add_argument("--seed", type=int, default=0)
+    camvid = commands.add_parser(
+        "camvid", help="convert the SegNet release of CamVid; seeded labeled draws from it"
+    )
+    camvid.add_argument("--data-root", required=True, help="the converted dataset (the config's data_root)")
+    camvid.add_argument("--source", help="the SegNet release's CamVid folder: convert it into --data-root")
+    resize = camvid.add_mutually_exclusive_group()
+    resize.add_argument("--scale", type=float, help="resize every image by this factor (0.25: 120x90)")
+    resize.add_argument("--size", type=parse_size, help="resize every image to WIDTHxHEIGHT, e.g. 120x90")
+    camvid.add_argument(
+        "--labeled", type=int, nargs="+", help=f"labeled counts to draw (default: {CAMVID_COUNTS})"
+    )
+    camvid.add_argument("--out", help="folder for the draws: <n>/labeled.txt, <n>/unlabeled.txt")
+    camvid.add_argument("--seed", type=int, default=0)
+    camvid.add_argument("--overwrite", action="store_true", help="replace files that hold other content")
     custom = commands.add_parser("custom", help="one split from a training list")
     custom.add_argument("--train-list", required=True, help="all training lines '<image> <mask>'")
     custom.add_argument("--pool", help="draw the labeled lines from this subset of the training list")
@@ -371,6 +454,13 @@ def main(argv=None):
     custom.add_argument("--out", required=True, help="folder for labeled.txt and unlabeled.txt")
     custom.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "camvid":
+        if args.source is None and args.out is None:
+            parser.error("camvid: give --source (convert), --out (draw partitions) or both")
+        if args.source is None and (args.scale is not None or args.size is not None):
+            parser.error("camvid: --scale and --size resize what --source converts")
+        if args.out is None and args.labeled is not None:
+            parser.error("camvid: --labeled needs --out, the folder for the partitions")
 
     try:
         if args.command == "pascal":
@@ -390,6 +480,20 @@ def main(argv=None):
             if val:
                 write_list(os.path.join(args.out, "val.txt"), val)
             print(f"{args.out}: {len(train)} training images ({len(masked)} with a mask), {len(val)} val")
+        elif args.command == "camvid":
+            if args.source is not None:
+                done = convert_camvid(args.source, args.data_root, args.scale, args.size, args.overwrite)
+                counts = ", ".join(f"{num} {split}" for split, num in done.counts)
+                sizes = ", ".join(f"{w}x{h}" for w, h in done.sizes)
+                print(
+                    f"{args.data_root}: {counts} images at {sizes} ({done.converted} written, "
+                    f"{done.unchanged} already there)"
+                )
+            if args.out is not None:
+                counts = args.labeled or CAMVID_COUNTS
+                write_lists_or_none(args.out, camvid_draws(args.data_root, counts, args.seed), args.overwrite)
+                for num in counts:
+                    print(f"{os.path.join(args.out, str(num))}: {num} labeled (seed {args.seed})")
         elif args.command == "coco-unlabeled":
             write_coco_unlabeled(args.data_root, args.splits)
         elif args.command == "unlabeled":

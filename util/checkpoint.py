@@ -14,7 +14,9 @@ import subprocess
 import torch
 
 # The guarded reading of weight files lives with the model (model/ imports nothing from util/).
-from model.weights import load_failure_reason, zip_problem
+from model import ARCHITECTURE_DEFAULTS, ARCHITECTURE_KEYS
+from model.weights import file_problem, load_failure_reason
+from util.config import Change, config_changes
 from util.files import write_atomic
 
 # What a training checkpoint (latest.pth / previous.pth) must hold to resume from it.
@@ -93,9 +95,9 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
-def _check_crc(path: str) -> None:
-    """Compare every part of a zip-format checkpoint with the CRC-32 recorded when it was written."""
-    problem = zip_problem(path)
+def _check_bytes(path: str) -> None:
+    """A torch file at all, and every part of a zip-format checkpoint as its CRC-32 recorded it."""
+    problem = file_problem(path)
     if problem is not None:
         raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
 
@@ -108,7 +110,7 @@ def load(path: str) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
-    _check_crc(path)
+    _check_bytes(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickled code refused by weights_only, not a torch file...
@@ -171,3 +173,25 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str) -> None:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model (another backbone, width or nclass?): {err}"
         ) from err
+
+
+def trained_architecture(cfg: dict, state: dict) -> tuple[dict, list[Change]]:
+    """`cfg` with the architecture keys of the config saved in the checkpoint `state` (best.pth and
+    latest.pth hold theirs; a bare state dict holds none, and `cfg` is returned as it is), and where `cfg`
+    said otherwise (saved -> given). Output stride and dilations change no tensor shape, so a network built
+    with other values loads the weights and scores them wrong without a word."""
+    saved = state.get("cfg")
+    if not isinstance(saved, dict):
+        return cfg, []
+    saved = {**ARCHITECTURE_DEFAULTS, **saved}  # what build_model took for keys its config lacked
+    trained = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
+    given = {key: cfg[key] for key in trained if key in cfg}
+    return {**cfg, **trained}, config_changes(trained, given)
+
+
+def architecture_warning(config: str, checkpoint: str, changes: list[Change]) -> str:
+    """The warning of eval.py and predict.py when a given config disagrees with the checkpoint's own."""
+    return (
+        f"warning: {config} disagrees with the config saved in {checkpoint} on the architecture (saved -> "
+        f"given): {', '.join(map(str, changes))}; the model is built as saved"
+    )

@@ -128,7 +128,13 @@ SCHEMA: dict[str, Any] = {
         "headers",
         choices=("headers", "full", "off"),
         help="before training, read every labeled and val file (and a sample of unlabeled images): "
-        "headers and sizes, or full decodes and mask values",
+        "headers and sizes (and the val masks' values), or full decodes and every mask's values",
+    ),
+    "pseudo_label_quality": _k(
+        bool,
+        True,
+        help="when the unlabeled split lists masks, measure the pseudo-labels the unlabeled losses train on "
+        "against them (logged; never used for training)",
     ),
     "eval_interval": _k(int, 0, low=0, help="evaluate every N iterations; 0 = at the end of every epoch"),
     "save_interval": _k(int, 0, low=0, help="write latest.pth every N iterations; 0 = only at evaluations"),
@@ -154,9 +160,9 @@ SCHEMA: dict[str, Any] = {
     "unimatch": {
         "fp_labeled": _k(
             bool,
-            False,
-            help="decode a feature-perturbed copy of the labeled images too, as released: it reaches no "
-            "loss but joins the decoder's BN batch statistics",
+            True,
+            help="decode a feature-perturbed copy of the labeled images too, as released (default): it "
+            "reaches no loss but joins the decoder's BN batch statistics; false is faster and measured lower",
         ),
     },
     # --- UCCL (UCCL.py); paper by default, docs/DIFFERENCES.md lists the released code's switches ---
@@ -280,6 +286,13 @@ SCHEMA: dict[str, Any] = {
             float, 1.0, low=0.0, help="weight of each branch's E and AL on the CutMixed unlabeled images"
         ),
         "mc_samples": _k(int, 10, low=1, help="Monte-Carlo logit samples T of the aleatoric loss"),
+        "cutmix": _k(
+            str,
+            "released",
+            choices=("released", "unimatch"),
+            help="released: three boxes covering 25-50% of every image, pasted from another image; unimatch: "
+            "UniMatch's one box on half the images, the partner per mix_partner",
+        ),
         "student_view": _k(
             str,
             "weak",
@@ -500,14 +513,41 @@ def _check_bounds(value, spec: Key, full: str, source: str) -> None:
     for item in items:
         if item is None or isinstance(item, (str, bool)):
             continue
-        if isinstance(item, float) and math.isnan(item):
-            raise ConfigError(f"{source}: key '{full}' must be a number, got {value!r}")
+        # YAML reads `.inf` and a literal beyond float's range (`1e400`) as infinity: never a usable value
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{source}: key '{full}' must be a finite number, got {value!r}")
         if spec.above is not None and not item > spec.above:
             raise ConfigError(f"{source}: key '{full}' must be > {spec.above:g}, got {value!r}")
         if (spec.low is not None and item < spec.low) or (spec.high is not None and item > spec.high):
             low = "-inf" if spec.low is None else spec.low
             high = "inf" if spec.high is None else spec.high
             raise ConfigError(f"{source}: key '{full}' must lie in [{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class Change:
+    """A key whose value differs between two configs; `key` is dotted inside sections ('ctt.hc_weight')."""
+
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old!r} -> {self.new!r}"
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[Change]:
+    """The keys whose values differ from `old` to `new`, section by section, in `new`'s order. Keys that only
+    one of them has (a config written before a key existed) are left out."""
+    changes = []
+    for key, value in new.items():
+        if key not in old:
+            continue
+        if isinstance(value, dict) and isinstance(old[key], dict):
+            changes += config_changes(old[key], value, f"{prefix}{key}.")
+        elif old[key] != value:
+            changes.append(Change(prefix + str(key), old[key], value))
+    return changes
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

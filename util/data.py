@@ -11,7 +11,7 @@ import random
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from dataset.semi import SemiDataset
+from dataset.semi import TRUTH, SemiDataset
 from util.dist import get_rank, get_world_size
 from util.metrics import ShardSampler
 
@@ -147,8 +147,13 @@ class TrainingData:
     """The training streams (labeled; unlabeled and mix when a method uses them) and the validation loader.
 
     `batches(epoch, start_batch)` yields {'labeled': ..., 'unlabeled': ..., 'mix': ...} for one epoch from
-    `start_batch` on, the same batches an uninterrupted run sees there.
+    `start_batch` on, the same batches an uninterrupted run sees there. When the unlabeled split lists masks
+    (and `pseudo_label_quality` is on), the batch also holds 'truth': {'unlabeled': ..., 'mix': ...}, each
+    stream's masks cropped like its weak images (B, S, S), for measuring pseudo-labels only
+    (util/pseudo_labels.py); the streams themselves are the same as without it.
     """
+
+    truth = False  # whether the unlabeled samples carry their masks (subclasses with other streams: no)
 
     def __init__(
         self,
@@ -158,10 +163,13 @@ class TrainingData:
         worker_init=None,
         wrap_unlabeled=None,
         uses_mix: bool = True,
+        cutmix: str = "unimatch",
+        mix_partner: str | None = None,
     ):
         """`worker_init`: every loader worker's `worker_init_fn` (the engine's makes them ignore Ctrl-C).
         `wrap_unlabeled(dataset) -> dataset`, when given, wraps the unlabeled stream's dataset (not the mix
-        stream's), e.g. to add items to each sample."""
+        stream's), e.g. to add items to each sample. `cutmix`: the boxes' style (dataset.semi.CUTMIX_BOXES);
+        `mix_partner`: 'same_image' or 'other_image' (default: the config's)."""
         root, crop, bs, workers, seed = (
             cfg["data_root"], cfg["crop_size"], cfg["batch_size"], cfg["num_workers"], cfg["seed"],
         )  # fmt: skip
@@ -176,10 +184,15 @@ class TrainingData:
         loader_l, sampler_l = train_loader(labeled, bs, seed, _mix(seed, "labeled"), **loaders)
         self.loaders, self.samplers = [loader_l], [sampler_l]
         if uses_unlabeled:
-            unlabeled = SemiDataset(root, "train_u", cfg["unlabeled_id_path"], crop_size=crop, **common)
+            unlabeled = SemiDataset(
+                root, "train_u", cfg["unlabeled_id_path"], crop_size=crop, truth=cfg["pseudo_label_quality"],
+                cutmix=cutmix, **common,
+            )  # fmt: skip
+            self.truth = unlabeled.truth
             # The mix stream goes through the same images in the same order with other augmentations
             # (UniMatch as released), or through another order ('other_image').
-            mix_order = seed if cfg["mix_partner"] == "same_image" else _mix(seed, "mix-order")
+            mix_partner = mix_partner or cfg["mix_partner"]
+            mix_order = seed if mix_partner == "same_image" else _mix(seed, "mix-order")
             unlabeled_stream = wrap_unlabeled(unlabeled) if wrap_unlabeled else unlabeled
             loader_u, sampler_u = train_loader(unlabeled_stream, bs, seed, _mix(seed, "unlabeled"), **loaders)
             self.loaders.append(loader_u)
@@ -195,4 +208,13 @@ class TrainingData:
         for sampler in self.samplers:
             sampler.set_epoch(epoch, start_batch)
         for parts in zip(*self.loaders):
-            yield dict(zip(("labeled", "unlabeled", "mix"), parts))
+            batch = dict(zip(("labeled", "unlabeled", "mix"), parts))
+            if self.truth:
+                truth = {}
+                for stream in ("unlabeled", "mix"):
+                    if stream in batch:
+                        items = list(batch[stream])
+                        truth[stream] = items.pop(TRUTH)
+                        batch[stream] = items
+                batch["truth"] = truth
+            yield batch

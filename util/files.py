@@ -51,3 +51,12 @@ def write_atomic(path: str, write, previous: str | None = None) -> None:
             os.remove(tmp)
         raise
     fsync_dir(folder)
+
+
+def holds_text(path: str, text: str) -> bool:
+    """Whether `path` is a file that holds exactly `text` (one that cannot be read as text does not)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read() == text
+    except (OSError, UnicodeDecodeError):
+        return False

@@ -7,11 +7,13 @@ histogram), the learning rate and the count of skipped steps.
 """
 
 import logging
+from dataclasses import asdict
 
 import yaml
 
 from dataset.classes import dataset_classes
 from util.metrics import format_iou_table
+from util.pseudo_labels import Quality
 from util.visualise import side_by_side
 
 logger = logging.getLogger("semiseg")
@@ -49,8 +51,22 @@ class Logbook:
         return collect
 
     def step(
-        self, iteration: int, loss: float, terms: dict, stats: dict, histograms: dict, extra: dict
+        self,
+        iteration: int,
+        loss: float,
+        terms: dict,
+        stats: dict,
+        histograms: dict,
+        extra: dict,
+        pseudo_labels: dict[str, Quality] | None = None,
     ) -> None:
+        """One logged step; `pseudo_labels`: the quality of each pseudo-label stream since the last log
+        step (text log and TensorBoard's pseudo/<stream>/accuracy, miou, used)."""
+        if pseudo_labels and self.is_main:
+            logger.info(
+                f"iter {iteration}: pseudo-labels "
+                + " | ".join(f"{name}: {quality}" for name, quality in pseudo_labels.items())
+            )
         if self.writer is None:
             return
         self.writer.add_scalar("train/loss", loss, iteration)
@@ -58,10 +74,21 @@ class Logbook:
             self.writer.add_scalar(f"train/{name}", value, iteration)
         for name, values in histograms.items():
             self.writer.add_histogram(f"train/{name}", values.float().cpu(), iteration)
+        for name, quality in (pseudo_labels or {}).items():
+            for field, value in asdict(quality).items():
+                self.writer.add_scalar(f"pseudo/{name}/{field}", value, iteration)
 
     def evaluation(self, iteration: int, total_iters: int, results: dict, deployed: str, best: tuple,
-                   seconds_per_iter: float, deployable: tuple, pictures: dict) -> None:  # fmt: skip
-        """Text log, TensorBoard and evals.jsonl for one evaluation of every evaluated network."""
+                   timing: dict, deployable: tuple, pictures: dict,
+                   pseudo_labels: dict[str, Quality] | None = None) -> None:  # fmt: skip
+        """Text log, TensorBoard and evals.jsonl for one evaluation of every evaluated network. `timing`:
+        seconds_per_iter, train_seconds and wall_seconds (since iteration 0); `pseudo_labels`: the quality
+        of each pseudo-label stream since the last evaluation."""
+        if pseudo_labels:
+            logger.info(
+                f"iter {iteration}: pseudo-labels since the last evaluation: "
+                + " | ".join(f"{name}: {quality}" for name, quality in pseudo_labels.items())
+            )
         names, several = self.classes.names, len(results) > 1
         for name, result in results.items():
             label = f" {name}" if several else ""
@@ -79,9 +106,11 @@ class Logbook:
                     self.writer.add_image(f"{prefix}_images/{i}", picture, iteration, dataformats="HWC")
         if self.writer is not None and several:
             self.writer.add_scalar("eval/mIoU", results[deployed]["miou"], iteration)
+        quality = {name: asdict(q) for name, q in (pseudo_labels or {}).items()}
         rows = [
             {"iteration": iteration, "network": name, "miou": r["miou"], "iou": list(r["iou"]),
-             "seconds_per_iter": seconds_per_iter, "total_iters": total_iters, "deploy": name in deployable}
+             **timing, "total_iters": total_iters, "deploy": name in deployable,
+             **({"pseudo_labels": quality} if quality else {})}
             for name, r in results.items()
         ]  # fmt: skip
         self.saver.append_evals(rows, iteration)

@@ -7,6 +7,7 @@ from torch import nn
 
 from model import build_model
 from util.data import TrainingData
+from util.pseudo_labels import PseudoLabelMeter
 
 
 @dataclass
@@ -58,6 +59,11 @@ class Method:
     After `networks()`, the engine sets one attribute per network (`self.model`, `self.teacher_a`, ...);
     trained networks are DDP-wrapped when distributed, and `unwrapped(name)` is the plain module. The
     engine keeps `iteration` (the step about to run, from 0) and `total_iters` up to date.
+
+    When the batch holds 'truth' (the unlabeled images' masks, see util.data.TrainingData), the step
+    records each target its unlabeled losses train on with `self.pseudo_labels.add(name, pseudo_label,
+    weight, truth)`, the masks mixed like the images; the engine logs their quality. The masks reach no
+    loss (tests/test_pseudo_labels.py checks every method).
     """
 
     uses_unlabeled = True
@@ -70,6 +76,7 @@ class Method:
         self.iteration = 0
         self.total_iters = 1
         self._unwrapped: dict[str, nn.Module] = {}
+        self.pseudo_labels = PseudoLabelMeter(cfg["nclass"])
 
     def networks(self) -> Networks:
         """Called once on every rank, after seeding: one DeepLabV3+ named 'model' unless overridden."""

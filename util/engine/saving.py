@@ -5,12 +5,9 @@ gone) is logged and retried at the next save, and the run ends with a SaveError 
 One run at a time per save path: rank 0 holds a lock on save_path/.lock (lock_save_path).
 """
 
-import fcntl
 import json
 import logging
 import os
-import socket
-import time
 
 import yaml
 
@@ -18,6 +15,7 @@ from util import checkpoint as ckpt
 from util.config import ConfigError
 from util.dist import broadcast_object
 from util.files import write_atomic
+from util.lock import LockHeld, lock
 
 logger = logging.getLogger("semiseg")
 
@@ -152,32 +150,23 @@ def free_name(path: str) -> str:
 
 
 def lock_save_path(save_path: str):
-    """An exclusive advisory lock (flock) on save_path/.lock, held as long as the returned file is open.
+    """An exclusive lock on save_path/.lock (util.lock), held as long as the returned file is open.
 
-    The kernel releases it when the process ends, however it ends, so a crashed run never blocks a restart.
-    A second run on the same save path stops at once with a ConfigError naming the holder's host and PID.
-    Where the filesystem has no flock (some NFS or Lustre mounts) this warns and returns None.
+    Only this process holds it, not its loader workers, and the kernel drops it when the process ends, however
+    it ends, so a killed run never blocks its restart. A second run on the same save path stops at once with a
+    ConfigError naming the holder's host and PID. Where the filesystem has no locks (some NFS or Lustre
+    mounts) this warns and returns None.
     """
     path = os.path.join(save_path, ".lock")
-    f = open(path, "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its name yet"
-        f.close()
+        return lock(path)
+    except LockHeld as held:
         raise ConfigError(
-            f"save path {save_path} is in use by another run ({holder}); wait for it to end, stop it, or "
-            "choose another --save-path"
+            f"save path {save_path} is in use by another run ({held.holder}); wait for it to end, stop it, "
+            "or choose another --save-path"
         ) from None
     except OSError as err:
-        f.close()
         logger.warning(
             f"cannot lock {path} ({err.strerror or err}): two runs on this save path are not prevented"
         )
         return None
-    f.seek(0)
-    f.truncate()
-    f.write(f"host {socket.gethostname()}, PID {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    return f

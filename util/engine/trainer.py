@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset.check import check_data
 from model.semseg.deeplabv3plus import use_channels_last
 from util import checkpoint as ckpt
-from util.config import ConfigError, check_paths
+from util.config import ConfigError, check_paths, config_changes
 from util.dist import barrier, broadcast_object, init_distributed, is_dist
 from util.engine.guard import NonFiniteError, NonFiniteGuard
 from util.engine.logbook import Logbook
@@ -125,8 +125,10 @@ class Trainer:
     def __init__(self, method_cls: type[Method], cfg: dict, save_path: str | None, source: str = "config"):
         self.dist = init_distributed()
         self.cfg, self.save_path, self.device = cfg, save_path, self.dist.device
-        self._prepare_outputs(source, method_cls.uses_unlabeled)
+        data_warnings = self._prepare_outputs(source, method_cls.uses_unlabeled)
         setup_logging(save_path, self.dist.is_main)
+        for warning in data_warnings:  # what the data check found that trains but looks wrong
+            logger.warning(warning)
         seed_everything(cfg["seed"] + self.dist.rank, cfg["deterministic"])
 
         self.method = method_cls(cfg, build_labeled_criterion(cfg), self.device)
@@ -149,9 +151,13 @@ class Trainer:
         self.method.total_iters = self.total_iters
         self.iteration = 0
         self.best_miou, self.best_iteration = -1.0, 0  # the first evaluation always writes best.pth
+        self.evaluated_at: int | None = None  # the iteration of the last evaluation
         self.scaler_skips = 0  # fp16 steps the GradScaler skipped for an overflow (its normal business)
+        # Since iteration 0, across resumes (a resumed run continues from the checkpoint's counts):
         self.train_seconds = 0.0  # wall-clock spent in training steps (evaluations excluded)
-        self.start_iteration = 0  # where this process started (after a resume)
+        self.wall_seconds_before = 0.0  # wall-clock of the run before this process started
+        self.wall_start = time.time()
+        self.timed_from = 0  # the first iteration train_seconds counts
         self.histograms = {}  # the last step's statistics with more than one value
         nets = self.networks.all.values()
         self.guard = NonFiniteGuard(
@@ -164,10 +170,11 @@ class Trainer:
         self.logbook = Logbook(cfg, self.saver, self.dist.is_main)
         self.stop = process_stop()
 
-    def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> None:
-        # Rank 0 prepares (and locks) the output folder and the demo data and checks the data; every rank
-        # stops on its error, or the others would wait forever at the next collective.
-        error, self.lock = None, None
+    def _prepare_outputs(self, source: str, uses_unlabeled: bool) -> list[str]:
+        """Rank 0 prepares (and locks) the output folder and the demo data and checks the data; every rank
+        stops on its error, or the others would wait forever at the next collective. Returns rank 0's
+        warnings about the data (none on the other ranks)."""
+        error, self.lock, warnings = None, None, []
         if self.dist.is_main:
             try:
                 if self.save_path is not None:
@@ -175,13 +182,14 @@ class Trainer:
                     self.lock = lock_save_path(self.save_path)  # held until this process ends
                 prepare_demo_data(self.cfg)
                 check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)
-                check_data(self.cfg, uses_unlabeled)  # every file training reads, before training
+                warnings = check_data(self.cfg, uses_unlabeled)  # every file training reads, before training
             except (ConfigError, OSError, ValueError) as err:
                 error = str(err)
         error = broadcast_object(error)
         if error:
             raise ConfigError(error)
         check_paths(self.cfg, source, need_unlabeled=uses_unlabeled)  # every rank: its own filesystem
+        return warnings
 
     def _wrap_networks(self) -> None:
         """Move every network to the device; DDP (and SyncBN on CUDA) around the trained ones; no gradient
@@ -311,16 +319,16 @@ class Trainer:
     def _eval_and_save(self) -> None:
         pictures = {}
         results = self.evaluate(pictures)
+        self.evaluated_at = self.iteration
         # The run's score is the best deployable network's; best.pth holds that network.
         deployed = max(self.networks.deploy, key=lambda name: results[name]["miou"])
         miou = results[deployed]["miou"]
         improved = miou > self.best_miou
         if improved:
             self.best_miou, self.best_iteration = miou, self.iteration
-        seconds = self.train_seconds / max(self.iteration - self.start_iteration, 1)
         self.logbook.evaluation(
             self.iteration, self.total_iters, results, deployed, (self.best_miou, self.best_iteration),
-            seconds, self.networks.deploy, pictures,
+            self.timing(), self.networks.deploy, pictures, self.method.pseudo_labels.take("eval"),
         )  # fmt: skip
         state = self.state_dict()
         # best.pth first: a run killed between the two writes resumes from the older latest.pth,
@@ -339,6 +347,19 @@ class Trainer:
             self.saver.save("best.pth", best, self.iteration)
         self._save_latest(state)
         barrier()
+
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds of the run since iteration 0: this process's and, after a resume, those of
+        the processes before it up to the checkpoint it resumed from."""
+        return self.wall_seconds_before + time.time() - self.wall_start
+
+    def timing(self) -> dict:
+        """Seconds per training step, and the training and wall-clock seconds since iteration 0."""
+        return {
+            "seconds_per_iter": self.train_seconds / max(self.iteration - self.timed_from, 1),
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_seconds(),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -360,8 +381,11 @@ class Trainer:
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "best_iteration": self.best_iteration,
+            "evaluated_at": self.evaluated_at,
             "nonfinite_steps": self.guard.steps,
             "scaler_skips": self.scaler_skips,
+            "train_seconds": self.train_seconds,
+            "wall_seconds": self.wall_seconds(),
             "world_size": self.dist.world_size,
             "rng": self._gather(rng_state()),
             "cfg": self.cfg,
@@ -411,8 +435,23 @@ class Trainer:
         self.saver.saved_iteration = self.iteration
         if self.dist.is_main:
             self._warn_about_differences(state, path)
+        if self.iteration > self.total_iters:
+            raise ConfigError(
+                f"{path} holds iteration {self.iteration}, past the end of this run ({self._length()}). "
+                f"Nothing was changed: set max_iters to at least {self.iteration} to continue it, evaluate "
+                "it with eval.py, or give another --save-path to train this run from the start"
+            )
         logger.info(f"resumed from {path} at iteration {self.iteration}/{self.total_iters}")
         return True
+
+    def _length(self) -> str:
+        """The run's length in iterations and the config keys that set it."""
+        if self.cfg["max_iters"]:
+            return f"max_iters={self.total_iters}"
+        return (
+            f"epochs={self.cfg['epochs']} x {self.iters_per_epoch} iterations per epoch = {self.total_iters} "
+            "iterations"
+        )
 
     def load_state_dict(self, state: dict) -> None:
         networks = state.get("networks") or {"model": state["model"]}  # checkpoints before named networks
@@ -436,8 +475,14 @@ class Trainer:
                 buf.copy_(value)
         self.iteration = state["iteration"]
         self.best_miou, self.best_iteration = state["best_miou"], state["best_iteration"]
+        # checkpoints from before it was recorded: as if evaluated where they stopped (nothing is redone)
+        self.evaluated_at = state.get("evaluated_at", self.iteration)
         self.guard.steps = state.get("nonfinite_steps", 0)
         self.scaler_skips = state.get("scaler_skips", 0)
+        # checkpoints from before the run's seconds were kept: counted from here on
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.timed_from = 0 if "train_seconds" in state else self.iteration
+        self.wall_seconds_before, self.wall_start = state.get("wall_seconds", 0.0), time.time()
 
     def _warn_about_differences(self, state: dict, path: str) -> None:
         version, ours = state.get("code_version", "unknown"), ckpt.code_version()
@@ -449,13 +494,11 @@ class Trainer:
                 f"{self.dist.world_size}: random states are not restored and the data order changes, "
                 "so the run continues but is not identical to an uninterrupted one"
             )
-        if isinstance(state.get("cfg"), dict):
-            changed = sorted(k for k in self.cfg if k in state["cfg"] and state["cfg"][k] != self.cfg[k])
-            if changed:
-                logger.warning(
-                    f"the config differs from the one {path} was trained with: "
-                    + ", ".join(f"{k}: {state['cfg'][k]!r} -> {self.cfg[k]!r}" for k in changed)
-                )
+        changes = config_changes(state["cfg"], self.cfg) if isinstance(state.get("cfg"), dict) else []
+        if changes:
+            logger.warning(
+                f"the config differs from the one {path} was trained with: " + ", ".join(map(str, changes))
+            )
 
     # ------------------------------------------------------------------ the loop
     def _after_step(self, loss: float, terms: dict, stats: dict, bar) -> None:
@@ -469,7 +512,10 @@ class Trainer:
             )
         if it % cfg["log_interval"] == 0:
             extra = {"lr": self.optimizer.param_groups[0]["lr"], "nonfinite_steps": self.guard.steps}
-            self.logbook.step(it, loss, terms, stats, self.histograms, extra)
+            pseudo_labels = self.method.pseudo_labels.take(
+                "log"
+            )  # a collective, at the same step on every rank
+            self.logbook.step(it, loss, terms, stats, self.histograms, extra, pseudo_labels)
             bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in terms.items()})
         if it % (cfg["eval_interval"] or self.iters_per_epoch) == 0 or it == self.total_iters:
             self._eval_and_save()
@@ -484,8 +530,8 @@ class Trainer:
         self.stop.install()  # from here on a signal stops after the current step
         self.stop.agreed = False  # the ranks agree anew in this training's steps
         try:
+            self.wall_start = time.time()
             self.resume()
-            self.start_iteration = self.iteration
             self.saver.write_config(self.cfg, self.iteration)
             self.logbook.open(self.save_path, self.iteration)
             logger.info(
@@ -499,6 +545,11 @@ class Trainer:
                 dynamic_ncols=True,
             )
             start = time.time()
+            if self.iteration == self.total_iters and self.evaluated_at != self.iteration:
+                # Resumed at the last iteration from a checkpoint written before evaluating it (by a stop or
+                # save_interval, at what a shorter max_iters makes the end): what a finished run has.
+                logger.info(f"iteration {self.iteration} is the last: evaluating it, as a finished run has")
+                self._eval_and_save()
             self._train(bar)
             bar.close()
             if self.iteration < self.total_iters:
