@@ -36,7 +36,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -72,7 +72,8 @@ from util.losses.ciscr import (
     region_of,
     reliability,
 )
-from util.metrics import intersection_and_union, miou_from, predict
+from util.metrics import predict
+from util.pseudo_labels import pseudo_label_counts, quality_from_counts
 
 logger = logging.getLogger("semiseg")
 
@@ -424,24 +425,6 @@ def measurable_masks(unlabeled: list, root: str) -> dict[str, str | None]:
     return masks
 
 
-@dataclass(frozen=True)
-class LabelQuality:
-    """How pseudo-labels agree with the masks an unlabeled split lists (measured, never trained on)."""
-
-    images: int
-    pixel_accuracy: float  # percent of the masks' labeled pixels given their class
-    miou: float  # as util.metrics computes it for validation: the mean IoU of all classes
-
-    def __str__(self) -> str:
-        return f"pixel accuracy {self.pixel_accuracy:.2f}%, mIoU {self.miou:.2f} ({self.images} images)"
-
-
-def label_quality(images: int, intersection, union, target) -> LabelQuality:
-    """LabelQuality from per-class counts (util.metrics.intersection_and_union summed over the images)."""
-    accuracy = 100.0 * float(intersection.sum()) / max(float(target.sum()), 1.0)
-    return LabelQuality(images, accuracy, miou_from(intersection, union)[0])
-
-
 class StagedPipeline:
     """The six stages, each skipped when `stages.json` says it finished. `fit()` runs what is left and
     returns the final network's best val mIoU; util.engine.run turns its faults into exit statuses.
@@ -601,43 +584,39 @@ class StagedPipeline:
         if missing:
             raise DataError(f"{len(missing)} pseudo-labels were not written to {folder}, e.g. {missing[0]}")
         quality = self.label_quality(stage, images, f"{stage}'s pseudo-labels")
-        return {"images": len(images), "quality": quality and asdict(quality)}
+        return {"images": len(images), "quality": quality}
 
-    def label_quality(self, stage: str, images: list[str], what: str) -> LabelQuality | None:
-        """`stage`'s pseudo-labels of `images` against the masks the unlabeled split lists for them,
-        logged as `what`; the ranks share the images. None where the split lists no mask, or a mask cannot
-        be read (a warning names it: a measurement never stops the run)."""
+    def label_quality(self, stage: str, images: list[str], what: str) -> dict | None:
+        """`stage`'s pseudo-labels of `images` against the masks the unlabeled split lists for them, as
+        util.pseudo_labels measures any method's (accuracy, mIoU, used), logged as `what`; the ranks share
+        the images. None where the split lists no mask (or pseudo_label_quality is off), or a mask cannot be
+        read (a warning names it: a measurement never stops the run)."""
         pairs = [(label_file(self.labels[stage], image), self.masks[image]) for image in images]
         pairs = [(label, mask) for label, mask in pairs if mask is not None]
         if not pairs:
             return None
         nclass, root = self.cfg["nclass"], self.cfg["data_root"]
-        counts, problem = torch.zeros(3, nclass, dtype=torch.long), None
+        counts, problem = torch.zeros(nclass * nclass + 2, dtype=torch.float64), None
         for label_path, mask_path in pairs[self.dist.rank :: self.dist.world_size]:
             if self.stop.requested:
                 break
+            mask_path = os.path.join(root, mask_path)
             try:
-                label = load_mask(label_path, nclass)
-                mask = load_mask(os.path.join(root, mask_path), nclass)
-                check_same_size(
-                    label.shape[::-1], mask.shape[::-1], label_path, os.path.join(root, mask_path)
-                )
+                label, mask = load_mask(label_path, nclass), load_mask(mask_path, nclass)
+                check_same_size(label.shape[::-1], mask.shape[::-1], label_path, mask_path)
             except DataError as err:
                 problem = str(err)
                 break
-            counts += torch.stack(
-                intersection_and_union(torch.from_numpy(label), torch.from_numpy(mask), nclass)
-            )
+            label, mask = (torch.from_numpy(m.astype(np.int64)) for m in (label, mask))
+            counts += pseudo_label_counts(label, 1.0, mask, nclass)
         self.stop_here(lambda: f"in {stage} while measuring the pseudo-labels against the masks")
-        gathered = all_gather([(counts.tolist(), problem)])
-        problems = [problem for _, problem in gathered if problem]
+        problems = [problem for problem in all_gather([problem]) if problem]
         if problems:
             logger.warning(f"{what}: quality not measured: {problems[0]}")
             return None
-        total = torch.tensor([part for part, _ in gathered]).sum(dim=0)
-        quality = label_quality(len(pairs), *total)
-        logger.info(f"{what} against the unlabeled split's masks: {quality}")
-        return quality
+        quality = quality_from_counts(all_reduce_sum(counts.to(self.device)).cpu(), nclass)
+        logger.info(f"{what} against the unlabeled split's masks ({len(pairs)} images): {quality}")
+        return {"images": len(pairs), **asdict(quality)}
 
     @torch.no_grad()
     def select(self, teacher_stage: str, images: list[str]) -> dict:
@@ -700,11 +679,10 @@ class StagedPipeline:
             )
             scores = {images[i]: score[i] for i in order}
             write_atomic(os.path.join(self.selection, "scores.json"), json.dumps(scores, indent=1))
-        halves = {
+        quality = {
             name: self.label_quality("stage2", part, f"stage2's pseudo-labels of the {name} images")
             for name, part in (("reliable", reliable), ("unreliable", unreliable))
         }
-        quality = {name: q and asdict(q) for name, q in halves.items()}
         return {"reliable": cut, "unreliable": len(images) - cut, "quality": quality}
 
     def read_selection(self) -> tuple[list[str], list[str], dict]:
@@ -738,7 +716,11 @@ class StagedPipeline:
         check_paths(self.cfg, self.source, need_unlabeled=True)
         unlabeled = read_split(self.cfg["unlabeled_id_path"], need_mask=False)
         self.unlabeled_images = [image for _, image, _ in unlabeled]
-        self.masks = measurable_masks(unlabeled, self.cfg["data_root"])
+        self.masks = (
+            measurable_masks(unlabeled, self.cfg["data_root"])
+            if self.cfg["pseudo_label_quality"]
+            else dict.fromkeys(self.unlabeled_images)
+        )
 
     def fit(self) -> float:
         with self.stop.installed():  # a signal from here on stops the pipeline after its unit of work
