@@ -26,7 +26,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequested(Exception):
-    """The run stopped on a signal after writing latest.pth; the same command continues it."""
+    """The run stopped on a signal with what it had done kept (latest.pth, pseudo-labels); the same command
+    continues it."""
 
 
 class GracefulStop:
