@@ -1,6 +1,6 @@
 """CISC-R: its building blocks against loop computations of the formulas, the labeled-only query, and the
-staged pipeline as real processes (all stages in one command, SIGKILLs resumed to identical weights, two
-gloo processes), plus the online variant under two processes."""
+staged pipeline as real processes (all stages in one command, stop signals and SIGKILLs at every kind of
+moment resumed to identical weights, two gloo processes), plus the online variant under two processes."""
 
 import json
 import math
