@@ -30,11 +30,13 @@ class PointwiseNet(nn.Module):
         self.feature_conv = nn.Conv2d(3, channels, 1)
         self.classifier = nn.Conv2d(channels, nclass, 1)
         with torch.no_grad():
-            self.feature_conv.weight.copy_(torch.randn(channels, 3, 1, 1, generator=g))
+            self.feature_conv.weight.copy_(torch.randn(channels, 3, 1, 1, generator=g) * 2)
             self.feature_conv.bias.copy_(torch.randn(channels, generator=g) * 0.5)
-            # wide logits: confidences spread over (1/K, 1), so thresholds split the pixels
-            self.classifier.weight.copy_(torch.randn(nclass, channels, 1, 1, generator=g) * spread)
-            self.classifier.bias.copy_(torch.randn(nclass, generator=g))
+            # Wide logits, centred on the feature's midpoint 0.5: the class varies from pixel to pixel and
+            # the confidences spread over (1/K, 1), so that thresholds split the pixels.
+            weight = torch.randn(nclass, channels, generator=g) * spread
+            self.classifier.weight.copy_(weight[:, :, None, None])
+            self.classifier.bias.copy_(-0.5 * weight.sum(dim=1) + 0.3 * torch.randn(nclass, generator=g))
 
     def forward(self, x, features=False, perturb=False):
         feature = torch.sigmoid(self.feature_conv(x))
@@ -105,6 +107,16 @@ def paste(inside, outside, box: torch.Tensor, b: int, y: int, x: int):
     return inside if box[b, y, x] else outside
 
 
+def mix_padded_elsewhere(batch: dict) -> dict:
+    """The batch with its mix images padded in their last column instead of their last row(s), so that a
+    target whose padding comes from the wrong image of a CutMix differs (make_batch pads both alike)."""
+    ignore_mix = torch.zeros_like(batch["mix"][3])
+    ignore_mix[..., -1] = IGNORE
+    mix = list(batch["mix"])
+    mix[3] = ignore_mix
+    return {**batch, "mix": tuple(mix)}
+
+
 # ------------------------------------------------------------------------------ UniMatch's targets
 class UniMatchReference:
     """UniMatch's step recomputed pixel by pixel on a PointwiseNet: the pseudo-labels of the weak view and
@@ -141,6 +153,16 @@ class UniMatchReference:
         self.weak = targets(self.maps["weak"][1], ignore)
         mix = targets(self.maps["mix"][1], ignore_mix)
         self.strong = [{p: paste(mix[p], self.weak[p], box, *p) for p in self.weak} for box in self.boxes]
+
+    def assert_informative(self, thresh: float) -> None:
+        """The inputs can tell a right step from a wrong one: each weak image shows two classes or more,
+        the threshold splits its pixels, and each strong view's box pastes other labels than u_w's."""
+        for b in {p[0] for p in self.weak}:
+            assert len({label for p, (label, _, _) in self.weak.items() if p[0] == b}) > 1, "one class"
+        confident = [conf >= thresh for label, conf, ok in self.weak.values() if ok]
+        assert any(confident) and not all(confident), "the threshold does not split the pixels"
+        for strong in self.strong:
+            assert any(strong[p][0] != self.weak[p][0] for p in strong), "the box pastes the same labels"
 
     def confident_ce(self, logits: torch.Tensor, targets: dict, thresh: float, weight=None) -> float:
         """sum over valid pixels of [conf >= thresh] w_p CE_p, over the number of valid pixels."""

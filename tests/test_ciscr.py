@@ -308,19 +308,21 @@ def test_online_step_equals_the_loop_reference():
     1 - |m_u - S|, S from the EMA teacher's features of the weak image and its labeled partner, the
     regions those of the classes both show (every such class: shared_classes = K, so the draw does not
     matter; class 0 excluded); the pasted box of each strong view keeps weight 1."""
-    from tests.pointwise import UniMatchReference
+    from tests.pointwise import UniMatchReference, mix_padded_elsewhere
     from util.ema import ema_teacher
 
     K = 3
     student = PointwiseNet(nclass=K, seed=17)
     teacher = ema_teacher(PointwiseNet(nclass=K, seed=18), 0.99)  # weights of its own, unlike the student
     method = online_method(student, teacher, shared_classes=K, exclude_background=True, min_class_area=0.1)
-    batch = make_batch(B=2, H=4, W=5, K=K, seed=19)
+    batch = mix_padded_elsewhere(make_batch(B=2, H=4, W=5, K=K, seed=19))
     g = torch.Generator().manual_seed(20)
     img_q, label_q = torch.randn(2, 3, 4, 5, generator=g), torch.randint(0, K, (2, 4, 5), generator=g)
     losses, stats = method.step({**batch, "unlabeled": (*batch["unlabeled"], img_q, label_q)})
 
     reference = UniMatchReference(student, batch)
+
+    reference.assert_informative(0.5)
     H, W = 4, 5
     pseudo = torch.full((2, H, W), 255)
     for p, (label, _, ok) in reference.weak.items():

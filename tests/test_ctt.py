@@ -495,9 +495,10 @@ def test_gradients_reach_each_student_through_its_own_terms_only(tiny_config):
 
 
 # ------------------------------------------------------------------------ the step, pixel by pixel
-def pointwise_ctt(K=3, C=4, **ctt):
+def pointwise_ctt(K=3, C=4, seeds=(84, 54, 78, 86), **ctt):
     """CTT over per-pixel networks (tests/pointwise.py): two students and two EMA teachers, each with
-    weights of its own, attached as the engine would; banks and queues hold three entries per class."""
+    weights of its own (`seeds`: students A, B, teachers A, B, drawn so that every term has anchors on the
+    test's batch), attached as the engine would; banks and queues hold three entries per class."""
     from CTT import CTT
     from tests.pointwise import PointwiseNet
     from util.config import defaults
@@ -508,10 +509,10 @@ def pointwise_ctt(K=3, C=4, **ctt):
     cfg["ctt"] = {**cfg["ctt"], **ctt}
     method = CTT(cfg, cross_entropy, torch.device("cpu"))
     nets = {
-        "student_a": PointwiseNet(K, C, seed=56),
-        "student_b": PointwiseNet(K, C, seed=57),
-        "teacher_a": ema_teacher(PointwiseNet(K, C, seed=54), cfg["ctt"]["ema_decay"]),
-        "teacher_b": ema_teacher(PointwiseNet(K, C, seed=38), cfg["ctt"]["ema_decay"]),
+        "student_a": PointwiseNet(K, C, seed=seeds[0]),
+        "student_b": PointwiseNet(K, C, seed=seeds[1]),
+        "teacher_a": ema_teacher(PointwiseNet(K, C, seed=seeds[2]), cfg["ctt"]["ema_decay"]),
+        "teacher_b": ema_teacher(PointwiseNet(K, C, seed=seeds[3]), cfg["ctt"]["ema_decay"]),
     }
     method.attach(nets, nets)
     fill_banks(method, seed=35)

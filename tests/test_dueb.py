@@ -454,7 +454,7 @@ def test_step_terms_of_both_branches_equal_the_loop_reference(view):
     from that image); CPCL's intersection labels teach branch 1 and the union labels branch 2, each with
     its weights; each branch's energy and aleatoric terms weigh its labeled and unlabeled parts
     differently; every term is the sum of the two branches'. All weights differ from one another."""
-    from tests.pointwise import ce, maps, mean_ce, softmax, vec
+    from tests.pointwise import ce, maps, mean_ce, mix_padded_elsewhere, softmax, vec
 
     method, nets = pointwise_dueb(lambda_u=2.0, weight_labeled=0.3, weight_unlabeled=0.7, student_view=view)
     seen = []
@@ -462,7 +462,7 @@ def test_step_terms_of_both_branches_equal_the_loop_reference(view):
         nets[f"branch{k}"].register_forward_hook(
             lambda _, args, out, k=k: seen.append((k, args[0], torch.is_grad_enabled()))
         )
-    batch = make_batch(B=2, H=4, W=5, K=3, seed=43)
+    batch = mix_padded_elsewhere(make_batch(B=2, H=4, W=5, K=3, seed=43))
     losses, _ = method.step(batch)
 
     img_x, mask_x = batch["labeled"]

@@ -447,7 +447,15 @@ def test_step_terms_and_memory_update_equal_the_loop_reference():
     the mix image), averaged over the two views; the memory's EMA step from the confident weak-view
     pixels; noise and masking of both strong views' features held to the pasted weak prediction.
     Every weight differs, so that swapping two of them changes the numbers."""
-    from tests.pointwise import PointwiseNet, UniMatchReference, assert_terms, pixels, softmax, vec
+    from tests.pointwise import (
+        PointwiseNet,
+        UniMatchReference,
+        assert_terms,
+        mix_padded_elsewhere,
+        pixels,
+        softmax,
+        vec,
+    )
 
     K, C = 3, 4
     net = PointwiseNet(nclass=K, channels=C, seed=7)
@@ -459,7 +467,7 @@ def test_step_terms_and_memory_update_equal_the_loop_reference():
     g = torch.Generator().manual_seed(8)
     memory, initialised = torch.rand(K, C, generator=g), torch.tensor([True, False, True])
     method.prototypes.memory, method.prototypes.initialised = memory.clone(), initialised.clone()
-    batch = make_batch(B=2, H=4, W=5, K=K, seed=9)
+    batch = mix_padded_elsewhere(make_batch(B=2, H=4, W=5, K=K, seed=9))
     torch.manual_seed(10)  # SAI's draws: noise of the features' shape (2B, C, H, W), then masking (2B,)
     losses, _ = method.step(batch)
     torch.manual_seed(10)
@@ -467,6 +475,8 @@ def test_step_terms_and_memory_update_equal_the_loop_reference():
     u_noise, u_mask = torch.rand(2 * B, C, H, W), torch.rand(2 * B)
 
     reference = UniMatchReference(net, batch)
+
+    reference.assert_informative(0.5)
     expected = reference.terms(0.5)
     p2p, proto, strong_all, weak_all, target_all = [], [], [], [], []
     for k in (0, 1):

@@ -248,18 +248,19 @@ def test_step_terms_equal_the_loop_reference_on_both_strong_views(switches):
     """UniMatch's four terms, then SBU and CKR of each strong view k against the weak view of the same
     content (u_w with box k pasted from the mix image), each weight on its own term, the two views
     averaged. The weights and thresholds differ, so that swapping any two of them changes the numbers."""
-    from tests.pointwise import PointwiseNet, UniMatchReference, assert_terms
+    from tests.pointwise import PointwiseNet, UniMatchReference, assert_terms, mix_padded_elsewhere
 
     net = PointwiseNet(nclass=3, seed=2)
     cfg = uccl_cfg(sbu_weight=0.3, ckr_weight=0.7, uncertain_thresh=0.8, **switches)  # conf_thresh 0.5
     method = make_method(UCCL, net, cfg, cross_entropy)
-    batch = make_batch(B=2, H=4, W=5, K=3, seed=3)
+    batch = mix_padded_elsewhere(make_batch(B=2, H=4, W=5, K=3, seed=3))
     losses, _ = method.step(batch)
 
     released_sbu, released_ckr = switches.get("sbu") == "released", switches.get("ckr") == "released"
     thresh = 0.5 if released_sbu else 0.8  # the released SBU reads conf_thresh
     sign = -1.0 if switches.get("similarity") == "negative" else 1.0
     reference = UniMatchReference(net, batch)
+    reference.assert_informative(0.5)
     expected = reference.terms(0.5)
     sbu, ckr = [], []
     for k in (0, 1):

@@ -129,6 +129,13 @@ MUTANTS = [
         T_UNIMATCH,
     ),
     Mutant(
+        "unimatch: strong targets' padding from the weak view only",
+        "unimatch.py",
+        "ignore_mask=cutmix(weak.ignore_mask, mix.ignore_mask, box),",
+        "ignore_mask=weak.ignore_mask,",
+        T_UNIMATCH,
+    ),
+    Mutant(
         "unimatch: feature-perturbation weight 0.25 instead of 0.5",
         "unimatch.py",
         'losses["fp"] = loss_fp * 0.5 / 2',
@@ -162,6 +169,13 @@ MUTANTS = [
         "UCCL.py",
         'return p.weak_cutmixed(strong, level, grid), p.weak_cutmixed(strong, "logits_low")',
         'return resize_feature(p.weak.feature(level), grid), p.weak_cutmixed(strong, "logits_low")',
+        T_UCCL,
+    ),
+    Mutant(
+        "UCCL: padding of the weak view instead of the strong view's content",
+        "UCCL.py",
+        "valid = sample_to_grid(strong.ignore_mask, grid) != IGNORE",
+        "valid = sample_to_grid(p.weak.ignore_mask, grid) != IGNORE",
         T_UCCL,
     ),
     Mutant(
