@@ -1,6 +1,8 @@
-"""CISC-R: its building blocks against loop computations of the formulas, the labeled-only query, and the
-staged pipeline as real processes (all stages in one command, SIGKILLs resumed to identical weights, two
-gloo processes), plus the online variant under two processes."""
+"""CISC-R: its building blocks against loop computations of the formulas; the steps of stage 1, stages 4/6
+and the online variant on per-pixel networks against loops, and the online EMA teacher; the labeled-only
+query; the staged pipeline as real processes (all stages in one command, which network teaches and labels
+each stage, SIGKILLs resumed to identical weights, two gloo processes), plus the online variant under two
+processes."""
 
 import json
 import math

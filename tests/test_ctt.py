@@ -1,5 +1,7 @@
 """CTT: every term against a loop over images, classes, anchors and entries of the formula it implements,
-the FIFO queue against a list, and the queue's cross-rank gather under two gloo processes."""
+the FIFO queue against a list, and the queue's cross-rank gather under two gloo processes; one whole step
+of both students on per-pixel networks against loops (who teaches whom, ClassMix, every term), the teachers
+following their own students, and the banks a train-mode teacher feeds."""
 
 import math
 import sys
@@ -385,8 +387,6 @@ TERMS = {
 
 @pytest.mark.parametrize("preset", ["released", "paper", "default"])
 def test_step_runs_the_forwards_its_terms_need_and_no_other(tiny_config, preset):
-    from tests.test_unimatch_step import make_batch
-
     method, networks = make_ctt(
         tiny_config, f"ctt.preset={preset}", "ctt.contrast_thresh=0.3", "ctt.bank_thresh=0"
     )
@@ -471,8 +471,6 @@ def test_train_mode_teachers_feed_their_own_banks_from_a_forward_of_the_labeled_
 
 
 def test_gradients_reach_each_student_through_its_own_terms_only(tiny_config):
-    from tests.test_unimatch_step import make_batch
-
     method, networks = make_ctt(
         tiny_config, "ctt.contrast_thresh=0.3", "ctt.lc_peer_confident=false", "ctt.ct_thresh=0"
     )

@@ -1,7 +1,9 @@
 """DUEB: CPCL's intersection/union pseudo-labels, the aleatoric and energy losses against loop references
 and hand computations (paper and released variants), their gradient paths; the method's networks, forward
-passes and optimizer per switch; the global confusion matrix under two gloo processes; a two-process run
-killed and resumed bit-identically, and eval.py on its best.pth."""
+passes and optimizer per switch; one whole step of both branches on per-pixel networks against loops (which
+labels teach which branch, the CutMix box of the teachers' predictions, every weight); the global confusion
+matrix under two gloo processes; a two-process run killed and resumed bit-identically, and eval.py on its
+best.pth."""
 
 import json
 import math

@@ -1,5 +1,6 @@
 """MLCL: every term against a direct, loop-based computation of its formula, the prototype memory
-(EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, and real runs."""
+(EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, the whole step on a per-pixel network
+against loops, and real runs."""
 
 import math
 import sys

@@ -1,5 +1,6 @@
 """UCCL: SBU and CKR against direct loop computations of their formulas (paper and released variants),
-their gradient paths, the step's forward passes, and a two-process run that resumes."""
+their gradient paths, the whole step on a per-pixel network against loops, the step's forward passes, and
+a two-process run that resumes."""
 
 import math
 import sys

@@ -1,6 +1,7 @@
 """The UniMatch step against a direct, pixel-by-pixel computation: labeled cross-entropy, and confident
 cross-entropy on the CutMixed strong views (targets pasted from the mix image's eval-mode prediction) and
-on the feature-perturbed weak view, divided by the number of not-padding pixels."""
+on the feature-perturbed weak view, divided by the number of not-padding pixels; the supervised step; and
+the per-pixel reference (tests/pointwise.py) that the UCCL, MLCL and online CISC-R step tests build on."""
 
 import math
 
