@@ -40,7 +40,7 @@ def test_flags_fill_the_row_of_their_own_rank():
 
 def test_verdict_reads_every_ranks_row_and_names_the_term_not_the_sum():
     guard = NonFiniteGuard(parameters([1.0, 1.0]), [], rank=0, world_size=2)
-    # rank 0: 'u' and the total are NaN; rank 1: the total only (its own 'x' overflowed... as a sum), and
+    # rank 0: 'u' and the total are NaN; rank 1: only the total (finite terms whose sum overflowed), and
     # rank 1 asks to stop
     flags = [0, 0, 1, 1, 0] + [0, 0, 0, 1, 1]
     grad_bad, bad_terms, stop = guard.verdict(NAMES, flags)
