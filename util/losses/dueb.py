@@ -185,6 +185,85 @@ def elu(x: torch.Tensor) -> torch.Tensor:
     return _ELU.apply(x)
 
 
+class _MonteCarloTerm(torch.autograd.Function):
+    """mean_t(-ELU(CE0 - CE_t)) at every pixel, with its gradients worked out in the forward pass.
+
+    Inputs as monte_carlo_term's. With d_t = CE0 - CE_t and w_t = ELU'(d_t) / T (1/T above zero, e^d_t / T
+    below), the term M = mean_t(-ELU(d_t)) has dM/dCE_t = w_t and dM/dCE0 = -sum_t w_t; CE_t's gradient is
+    p_t - onehot(y) in the sample's logits, so
+        dM/dz     = sum_t w_t (p_t - onehot(y))                        (B, K, H, W)
+        dM/dsigma = sum_t w_t (sum_k p_tk noise_tk - noise_ty)          (B, H, W)
+    Both sum over the T samples with weights known once the sample's CE_t is, so the forward pass adds them
+    up image by image and the backward pass only scales them by the upstream gradient: the (T, K, H, W)
+    samples of one image are made, used and dropped while they are in the CPU's cache, and no sample-sized
+    tensor is kept for backward (keeping them, and going over them again in backward, cost about a third
+    more on a CPU at 64-pixel crops).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, sigma, noise, label, ce_clean):
+        batch, num_samples, nclass, height, width = noise.shape
+        pixels = height * width
+        logits, noise = logits.reshape(batch, nclass, pixels), noise.view(batch, num_samples, nclass * pixels)
+        sigma, ce_clean = sigma.reshape(batch, 1, 1, pixels), ce_clean.reshape(batch, 1, pixels)
+        label = label.reshape(batch, 1, pixels)
+        # where each pixel's label class sits in an image's flattened (K * H * W) logits: (B, 1, H * W)
+        at_label = label * pixels + torch.arange(pixels, device=label.device)
+        with_sigma = ctx.needs_input_grad[1]
+        gap = logits.new_empty(batch, num_samples, pixels)  # d_t = CE0 - CE_t
+        slope = torch.empty_like(gap)  # T w_t = ELU'(d_t) = e^min(d_t, 0)
+        grad_logits = logits.new_empty(batch, nclass, pixels)  # T sum_t w_t p_t, then dM/dz
+        grad_sigma = logits.new_empty(batch, pixels)  # T sum_t w_t sum_k p_tk noise_tk, then dM/dsigma
+        # One image's samples at a time, so that they stay in cache, in two buffers made once per call
+        # (a fresh tensor per image costs a page fault every 4 KiB); per-pixel work after the loop.
+        samples = logits.new_empty(num_samples, nclass, pixels)
+        log_prob = torch.empty_like(samples)
+        for b in range(batch):
+            torch.addcmul(logits[b], sigma[b], noise[b].view_as(samples), out=samples)
+            torch.log_softmax(samples, dim=1, out=log_prob)
+            torch.index_select(log_prob.view(num_samples, -1), 1, at_label[b, 0], out=gap[b]).add_(
+                ce_clean[b]
+            )
+            torch.clamp(gap[b], max=0, out=slope[b]).exp_()
+            weighted_prob = log_prob.exp_().mul_(slope[b].unsqueeze(1))  # T w_t p_t (T, K, H * W)
+            torch.sum(weighted_prob, dim=0, out=grad_logits[b])
+            if with_sigma:
+                torch.sum(weighted_prob.mul_(noise[b].view_as(samples)), dim=(0, 1), out=grad_sigma[b])
+        term = (-(gap.clamp(min=0) + slope - 1)).mean(dim=1)  # -ELU(d_t) averaged over the samples
+        weight = slope.div_(num_samples)  # w_t
+        grad_clean = -weight.sum(dim=1)
+        grad_logits.div_(num_samples).scatter_add_(1, label, grad_clean.unsqueeze(1))  # - sum_t w_t at y
+        if with_sigma:
+            noise_at_label = noise.gather(2, at_label.expand(-1, num_samples, -1))  # (B, T, H * W)
+            grad_sigma.div_(num_samples).sub_((weight * noise_at_label).sum(dim=1))
+        size = (batch, height, width)
+        ctx.save_for_backward(
+            grad_logits.view(batch, nclass, height, width), grad_sigma.view(batch, 1, 1, height, width),
+            grad_clean.view(size),
+        )  # fmt: skip
+        return term.view(size)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, H, W)
+        grad_logits, grad_sigma, grad_clean = ctx.saved_tensors
+        sigma = grad[:, None, None] * grad_sigma if ctx.needs_input_grad[1] else None
+        return grad.unsqueeze(1) * grad_logits, sigma, None, None, grad * grad_clean
+
+
+def monte_carlo_term(
+    logits: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    label: torch.Tensor,
+    ce_clean: torch.Tensor,
+) -> torch.Tensor:
+    """mean_t(-ELU(CE0 - CE_t)) at every pixel: logits (B, K, H, W), sigma (B, 1, 1, H, W), noise
+    (B, T, K, H, W), label (B, H, W) in [0, K), ce_clean (B, H, W) = CE0, the cross-entropy of the logits;
+    CE_t is that of sample t, z + sigma * noise_t. Returns (B, H, W), with gradients to logits, sigma and
+    ce_clean; the same values as -elu(ce_clean.unsqueeze(1) - noisy_target_nll(...)).mean(dim=1)."""
+    return _MonteCarloTerm.apply(logits.contiguous(), sigma, noise.contiguous(), label, ce_clean)
+
+
 def aleatoric_loss(
     logits: torch.Tensor,
     variance: torch.Tensor,
@@ -214,13 +293,14 @@ def aleatoric_loss(
     if released:
         sigma = sigma.detach()
     ce_clean = _target_nll(logits.log_softmax(dim=1), label)  # (B, H, W)
-    ce_noisy = noisy_target_nll(logits, sigma, noise, torch.where(valid, label, 0))  # (B, T, H, W)
+    safe_label = torch.where(valid, label, 0)
     depressor = variance.squeeze(1).exp() - 1  # (B, H, W)
     if released:
+        ce_noisy = noisy_target_nll(logits, sigma, noise, safe_label)  # (B, T, H, W)
         ce0 = (ce_clean * valid).sum() / num_valid
         ce_t = (ce_noisy * valid.unsqueeze(1)).sum(dim=(0, 2, 3)) / num_valid  # (T,)
         return ce0 + ce0 * (-elu(ce0 - ce_t)).mean() + depressor.mean()
-    per_pixel = ce_clean + ce_clean * (-elu(ce_clean.unsqueeze(1) - ce_noisy)).mean(dim=1) + depressor
+    per_pixel = ce_clean + ce_clean * monte_carlo_term(logits, sigma, noise, safe_label, ce_clean) + depressor
     return (per_pixel * valid).sum() / num_valid
 
 
