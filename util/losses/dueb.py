@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from util.dist import all_reduce_sum
 from util.losses import IGNORE
@@ -246,6 +247,7 @@ class _HeteroscedasticCrossEntropy(torch.autograd.Function):
         return (ce_clean * (1 + mc_mean)).view(batch, height, width)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # grad (B, H, W)
         grad_logits, grad_sigma = ctx.saved_tensors
         sigma = grad[:, None, None] * grad_sigma if ctx.needs_input_grad[1] else None
