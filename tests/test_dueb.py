@@ -28,6 +28,7 @@ from util.losses.dueb import (
     elu,
     energy_loss,
     global_cross_labels,
+    heteroscedastic_cross_entropy,
     intersection_union_labels,
     noisy_target_nll,
     weighted_cross_entropy,
@@ -273,6 +274,32 @@ def test_hand_written_gradients_equal_autograd_of_the_plain_formulas():
     (grad,) = torch.autograd.grad(elu(x).sum(), x)
     (expected,) = torch.autograd.grad(F.elu(x).sum(), x)
     assert torch.allclose(grad, expected)
+
+
+@pytest.mark.parametrize("with_sigma", [True, False])
+def test_heteroscedastic_cross_entropy_and_its_forward_pass_gradients_equal_autograd_of_the_plain_formula(
+    with_sigma,
+):
+    logits, variance, label, noise = (t.double() if t.is_floating_point() else t for t in aleatoric_inputs(5))
+    label = label.clamp(max=logits.shape[1] - 1)
+    logits = logits.to(memory_format=torch.channels_last).requires_grad_()  # as the model gives them
+    sigma = variance.sqrt().unsqueeze(1).requires_grad_(with_sigma)
+    upstream = torch.randn(label.shape, dtype=torch.double)
+    inputs = (logits, sigma) if with_sigma else (logits,)
+
+    got = heteroscedastic_cross_entropy(logits, sigma, noise, label)
+    grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    ce_clean = -logits.log_softmax(dim=1).gather(1, label.unsqueeze(1)).squeeze(1)
+    samples = logits.unsqueeze(1) + sigma * noise
+    index = label[:, None, None].expand(-1, noise.shape[1], 1, -1, -1)
+    ce_noisy = -samples.log_softmax(dim=2).gather(2, index).squeeze(2)  # (B, T, H, W)
+    gap = ce_clean.unsqueeze(1) - ce_noisy
+    assert (gap > 0).any() and (gap < 0).any()  # both sides of the ELU
+    plain = ce_clean + ce_clean * (-F.elu(gap)).mean(dim=1)
+    expected = torch.autograd.grad((plain * upstream).sum(), inputs)
+    assert got.dtype == torch.double and torch.allclose(got, plain)
+    for g, e in zip(grads, expected):
+        assert g.shape == e.shape and torch.allclose(g, e)
 
 
 @pytest.mark.parametrize("released", [False, True])
