@@ -49,7 +49,7 @@ from util.losses.ctt import (
     unreliable_fraction,
     unreliable_mask,
 )
-from util.losses.mlcl import pixels
+from util.losses.pixels import pixels
 
 NETWORKS = ("student_a", "student_b", "teacher_a", "teacher_b")
 

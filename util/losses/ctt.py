@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from util.dist import get_world_size
-from util.losses.mlcl import select_by_similarity
+from util.losses.pixels import select_by_similarity
 
 # A finite stand-in for -inf: the log-sum-exp of an empty set, so that its gradients stay zero, not NaN.
 MASKED = torch.finfo(torch.float32).min
