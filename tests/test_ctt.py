@@ -362,7 +362,7 @@ def fill_banks(method, seed=0):
     """Every class of both banks and queues holds a few random entries."""
     g = torch.Generator().manual_seed(seed)
     K, dim = method.nclass, method.cfg["head_channels"]
-    for queue in (*method.banks.values(), *method.queues.values()):
+    for queue in (*method.memory.banks.values(), *method.memory.queues.values()):
         queue.push(torch.randn(K, 3, dim, generator=g), torch.ones(K, 3, dtype=torch.bool))
 
 
@@ -397,17 +397,17 @@ def test_step_runs_the_forwards_its_terms_need_and_no_other(tiny_config, preset)
     assert all(torch.isfinite(v) for v in losses.values())
     # one forward per student (labeled + mixed view as one batch), one per teacher (weak view)
     assert calls == {"student_a": 1, "student_b": 1, "teacher_a": 1, "teacher_b": 1}
-    banks = {n: q.state_dict() for n, q in method.banks.items()}
+    banks = {n: q.state_dict() for n, q in method.memory.banks.items()}
     method.after_optimizer_step()
     assert all(t.updates == 1 for t in (method.teacher_a, method.teacher_b))
     assert calls == {"student_a": 1, "student_b": 1, "teacher_a": 1, "teacher_b": 1}
-    assert all(torch.equal(q.features, banks[n]["features"]) for n, q in method.banks.items())
+    assert all(torch.equal(q.features, banks[n]["features"]) for n, q in method.memory.banks.items())
     # the updated teachers' forward of that labeled batch feeds the banks (none when released): it joins
     # the next step's weak-view forward, one forward per network again
     assert (method.bank_input is None) == (preset == "released")
     method.step(make_batch(B=2, H=33, W=33, K=6, seed=1))
     assert calls == {"student_a": 2, "student_b": 2, "teacher_a": 2, "teacher_b": 2}
-    fed = not all(torch.equal(q.features, banks[n]["features"]) for n, q in method.banks.items())
+    fed = not all(torch.equal(q.features, banks[n]["features"]) for n, q in method.memory.banks.items())
     assert fed == (preset != "released")
 
 
@@ -425,8 +425,8 @@ def test_banks_fed_in_the_next_teacher_pass_equal_a_forward_of_their_own(tiny_co
         method.after_optimizer_step()
         torch.manual_seed(1)
         losses, _ = method.step(make_batch(B=2, H=33, W=33, K=6, seed=1))
-        assert all(int(q.count.sum()) > 0 for q in method.banks.values())
-        results.append(({n: q.state_dict() for n, q in method.banks.items()}, losses))
+        assert all(int(q.count.sum()) > 0 for q in method.memory.banks.values())
+        results.append(({n: q.state_dict() for n, q in method.memory.banks.items()}, losses))
     (banks, losses), (banks_alone, losses_alone) = results
     for n in "ab":
         assert torch.equal(banks[n]["count"], banks_alone[n]["count"])
@@ -444,7 +444,7 @@ def test_train_mode_teachers_feed_their_own_banks_from_a_forward_of_the_labeled_
     batch = make_batch(B=2, H=33, W=33, K=6)
     torch.manual_seed(0)
     method.step(batch)
-    assert all(int(q.count.sum()) == 0 for q in method.banks.values())
+    assert all(int(q.count.sum()) == 0 for q in method.memory.banks.values())
     method.after_optimizer_step()
     assert method.bank_input is None, "the next step's teacher pass has nothing left to feed"
     img_x, mask_x = batch["labeled"]
@@ -462,7 +462,7 @@ def test_train_mode_teachers_feed_their_own_banks_from_a_forward_of_the_labeled_
                 feature = torch.nn.functional.normalize(out.decoder[b, :, y, x], dim=0)
                 expected.setdefault(int(label[b, y, x]), []).append((float(prob.max()), feature))
         assert expected, "the teacher gets no pixel right: nothing to compare"
-        bank = method.banks[name]
+        bank = method.memory.banks[name]
         for c in range(method.nclass):
             chosen = [f for _, f in sorted(expected.get(c, []), key=lambda e: -e[0])[:per_step]]
             assert int(bank.count[c]) == len(chosen), f"bank {name}, class {c}"
@@ -577,8 +577,8 @@ def test_step_terms_of_both_students_equal_the_loop_reference_and_teachers_follo
         contrast_thresh=gamma, ct_thresh=ct_thresh, hc_weight=0.3, lc_weight=0.5, neg_weight=0.7,
         neg_skip_top=1, unreliable_start=0.5,
     )  # fmt: skip
-    banks = {n: entries_of(q) for n, q in method.banks.items()}
-    queues = {n: entries_of(q) for n, q in method.queues.items()}
+    banks = {n: entries_of(q) for n, q in method.memory.banks.items()}
+    queues = {n: entries_of(q) for n, q in method.memory.queues.items()}
     seen = inputs_of(nets)
     batch = make_batch(B=3, H=4, W=5, K=3, seed=36)
     torch.manual_seed(0)  # ClassMix's draws of the classes to paste (the reference reads them off the image)
@@ -669,7 +669,7 @@ def test_step_terms_of_both_students_equal_the_loop_reference_and_teachers_follo
             f"teacher {s} does not follow student {s}"
         )
     for n in "ab":
-        new = [e for e in entries_of(method.queues[n]) if e not in queues[n]]
+        new = [e for e in entries_of(method.memory.queues[n]) if e not in queues[n]]
         assert new, f"queue {n} took no negative"
         for other in "ab":
             units = [torch.nn.functional.normalize(teacher_features[other][b, :, y, x], dim=0)

@@ -297,9 +297,9 @@ MUTANTS = [
     ),
     Mutant(
         "CTT: the negative queues swapped",
-        "CTT.py",
-        'for i, name in enumerate("ab"):\n            self.queues[name]',
-        'for i, name in enumerate("ba"):\n            self.queues[name]',
+        "util/losses/ctt.py",
+        "for i, name in enumerate(self.TEACHERS):\n            self.queues[name]",
+        "for i, name in enumerate(self.TEACHERS[::-1]):\n            self.queues[name]",
         T_CTT,
     ),
     Mutant(

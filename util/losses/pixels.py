@@ -1,9 +1,23 @@
-"""Pixel sets shared by the contrastive methods (MLCL, CTT): feature maps as rows of pixels, and per-class
-top-k selection over them, batched over classes (no Python loop over classes, images or pixels)."""
+"""Pixel sets shared by the methods: full-resolution maps sampled at a feature grid's pixels, feature maps as
+rows of pixels, and per-class top-k selection over them, batched over classes (no Python loop over
+classes, images or pixels)."""
 
 import math
 
 import torch
+
+
+def sample_to_grid(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Sample a full-resolution map (B, H, W) at the pixels a feature grid (h, w) sits on.
+
+    The feature pixel i of a stride-4 map looks at input pixel round(i * (H - 1) / (h - 1)), the
+    align_corners=True convention used for every resize in the model; for H = 4h - 3 (321, 513, 801) this
+    is exactly mask[:, ::4, ::4]. Nearest sampling keeps labels and the ignore value 255 intact.
+    """
+    height, width = mask.shape[-2:]
+    rows = torch.linspace(0, height - 1, size[0], device=mask.device).round().long()
+    cols = torch.linspace(0, width - 1, size[1], device=mask.device).round().long()
+    return mask[..., rows[:, None], cols[None, :]]
 
 
 def pixels(feature: torch.Tensor) -> torch.Tensor:
