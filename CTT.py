@@ -25,7 +25,6 @@ import torch
 
 from model import build_model
 from model.weights import pretrained_problem
-from unimatch import sample_to_grid
 from util.config import ConfigError
 from util.dist import all_reduce_sum, get_world_size
 from util.ema import ema_teacher
@@ -45,7 +44,7 @@ from util.losses.ctt import (
     round_robin,
     unreliable_fraction,
 )
-from util.losses.pixels import pixels
+from util.losses.pixels import pixels, sample_to_grid
 
 NETWORKS = ("student_a", "student_b", "teacher_a", "teacher_b")
 

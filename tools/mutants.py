@@ -235,15 +235,15 @@ MUTANTS = [
     Mutant(
         "CTT: student A learns from its own teacher",
         "CTT.py",
-        "view_a = self.mixed_view(img_u_s1, valid_u, teacher_b)",
-        "view_a = self.mixed_view(img_u_s1, valid_u, teacher_a)",
+        "view_a = self.mixed_view(img_u_s1, valid_u, teacher_b, truth)",
+        "view_a = self.mixed_view(img_u_s1, valid_u, teacher_a, truth)",
         T_CTT,
     ),
     Mutant(
         "CTT: student A sees strong view 2",
         "CTT.py",
-        "view_a = self.mixed_view(img_u_s1, valid_u, teacher_b)",
-        "view_a = self.mixed_view(img_u_s2, valid_u, teacher_b)",
+        "view_a = self.mixed_view(img_u_s1, valid_u, teacher_b, truth)",
+        "view_a = self.mixed_view(img_u_s2, valid_u, teacher_b, truth)",
         T_CTT,
     ),
     Mutant(
@@ -270,8 +270,8 @@ MUTANTS = [
     Mutant(
         "CTT: HC anchors below gamma",
         "CTT.py",
-        'sample_to_grid(view.confidence, grid) >= self.ccfg["contrast_thresh"]',
-        'sample_to_grid(view.confidence, grid) < self.ccfg["contrast_thresh"]',
+        "(sample_to_grid(view.confidence, grid) >= thresh)",
+        "(sample_to_grid(view.confidence, grid) < thresh)",
         T_CTT,
     ),
     Mutant(
@@ -284,8 +284,8 @@ MUTANTS = [
     Mutant(
         "CTT: student A's HC anchors against bank B",
         "CTT.py",
-        "self.hc_anchors(mask_x, view_a, student_a), self.hc_anchors(mask_x, view_b, student_b)",
-        "self.hc_anchors(mask_x, view_b, student_b), self.hc_anchors(mask_x, view_a, student_a)",
+        "hc_anchors(mask_x, view_a, student_a, *hc), hc_anchors(mask_x, view_b, student_b, *hc)",
+        "hc_anchors(mask_x, view_b, student_b, *hc), hc_anchors(mask_x, view_a, student_a, *hc)",
         T_CTT,
     ),
     Mutant(
