@@ -54,10 +54,11 @@ from util.data import TrainingData, _mix, train_loader, validation_loader
 from util.dist import all_reduce_sum, barrier, broadcast_object, init_distributed
 from util.ema import ema_teacher
 from util.engine import Method, Networks, Trainer, parse_args, prepare_demo_data, run
+from util.engine.device import amp_dtype
+from util.engine.logbook import setup_logging
 from util.engine.run import EXIT_BAD_INPUT, build_trainer
-from util.engine.saving import lock_save_path
+from util.engine.saving import lock_save_path, prepare_save_path
 from util.engine.stop import StopRequested, ignore_stop_signals, process_stop
-from util.engine.trainer import amp_dtype, prepare_save_path, setup_logging
 from util.files import write_atomic
 from util.losses import IGNORE
 from util.losses.ciscr import (

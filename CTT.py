@@ -25,31 +25,26 @@ import torch
 
 from model import build_model
 from model.weights import pretrained_problem
-from unimatch import sample_to_grid
 from util.config import ConfigError
 from util.dist import all_reduce_sum, get_world_size
 from util.ema import ema_teacher
 from util.engine import Method, Networks, main
 from util.losses import IGNORE
 from util.losses.ctt import (
-    ClassQueue,
-    bank_candidates,
+    ContrastMemory,
     classmix,
     classmix_mask,
     confident_counts,
     ct_loss,
-    gather_from_ranks,
     hc_loss,
     lc_loss,
-    negative_candidates,
     negative_queue_loss,
     of_class,
     per_class_sample,
     round_robin,
     unreliable_fraction,
-    unreliable_mask,
 )
-from util.losses.mlcl import pixels
+from util.losses.pixels import pixels, sample_to_grid
 
 NETWORKS = ("student_a", "student_b", "teacher_a", "teacher_b")
 
@@ -109,6 +104,76 @@ class Pending:
     unreliable: float  # share of unreliable pixels at this step
 
 
+def random_anchors(candidates: torch.Tensor, budget: int) -> tuple[torch.Tensor, ...]:
+    """At most `budget` of the candidates (K, N), drawn at random within each class (global torch RNG) and
+    shared evenly among the classes present: index (M,), label (M,), chosen (M,)."""
+    uniform = torch.rand(candidates.shape[-1], device=candidates.device)
+    return round_robin(*per_class_sample(candidates, uniform, budget), budget)
+
+
+def hc_anchors(mask_x, view: MixedView, student: StudentOutput, thresh: float, nclass: int, budget: int):
+    """A random sample of the student's labeled pixels (ground truth) and of its mixed pixels whose
+    pseudo-label is at least `thresh` (gamma) confident: features (M, D), label (M,), chosen (M,)."""
+    grid = tuple(student.feature_u.shape[-2:])
+    label_x = sample_to_grid(mask_x, grid).flatten()
+    label_u = sample_to_grid(view.pseudo_label, grid).flatten()
+    valid = sample_to_grid(view.valid, grid)
+    confident = valid & (sample_to_grid(view.confidence, grid) >= thresh)
+    labels = torch.cat([label_x, label_u])
+    candidate = torch.cat([label_x != IGNORE, confident.flatten()])
+    features = torch.cat([pixels(student.feature_x), pixels(student.feature_u)])
+    index, label, chosen = random_anchors(of_class(labels, nclass) & candidate, budget)
+    return features[index], label, chosen
+
+
+def lc_anchors(
+    view: MixedView, student: StudentOutput, peer_view: MixedView, peer: StudentOutput, c: dict, nclass: int
+):
+    """Pixels whose cross-teacher pseudo-label is below gamma (c: the ctt section), labelled by the peer
+    student's prediction; with lc_peer_confident only where the peer is at least gamma sure and surer than
+    the student. Returns the student's and the peer's features of a random sample (M, D), its label and
+    chosen mask (M,)."""
+    grid = tuple(student.feature_u.shape[-2:])
+    paired = view.valid & peer_view.valid
+    if c["lc_pairing"] == "same_content":  # both mixed images show the same source pixel here
+        paired = paired & (view.paste == peer_view.paste)
+    candidate = sample_to_grid(paired & (view.confidence < c["contrast_thresh"]), grid)
+    own_conf = student.logits_low_u.detach().float().softmax(dim=1).amax(dim=1)
+    peer_conf, peer_label = peer.logits_low_u.detach().float().softmax(dim=1).max(dim=1)
+    if c["lc_peer_confident"]:
+        candidate = candidate & (peer_conf >= c["contrast_thresh"]) & (peer_conf > own_conf)
+    candidates = of_class(peer_label.flatten(), nclass) & candidate.flatten()
+    index, label, chosen = random_anchors(candidates, c["anchors"])
+    return pixels(student.feature_u)[index], pixels(peer.feature_u)[index], label, chosen
+
+
+def check_config(cfg: dict, world_size: int) -> None:
+    """CTT's keys that the schema alone cannot check: the deployed networks, student B's weights, and
+    new bank and queue entries per step (from every process) that fit in the bank and the queue."""
+    c = cfg["ctt"]
+    for name in c["deploy"]:
+        if name not in NETWORKS:
+            raise ConfigError(f"key 'ctt.deploy' names {name!r}; choose from {list(NETWORKS)}")
+    if not c["deploy"]:
+        raise ConfigError("key 'ctt.deploy' must name at least one network")
+    problem = pretrained_problem(c["pretrained_b"], cfg["backbone"], cfg["deep_stem"])
+    if problem:
+        raise ConfigError(f"key 'ctt.pretrained_b': {problem}")
+    for per_step, size, keys in (
+        (
+            c["bank_per_step"] or cfg["batch_size"],
+            c["bank_size"],
+            "'ctt.bank_per_step' (or batch_size) and 'ctt.bank_size'",
+        ),
+        (c["neg_per_step"], c["neg_queue_size"], "'ctt.neg_per_step' and 'ctt.neg_queue_size'"),
+    ):
+        if per_step * world_size > size:
+            raise ConfigError(
+                f"keys {keys}: {world_size} process(es) x {per_step} new entries per class and step do not "
+                f"fit in a queue of {size}"
+            )
+
+
 class CTT(Method):
     """CTT: cross teacher training with high- and low-level contrast and unreliable pixels as negatives."""
 
@@ -120,28 +185,11 @@ class CTT(Method):
         self.nclass = cfg["nclass"]
         self.contrast = c["preset"] != "released"  # HC and LC (paper and default)
         self.negatives = c["preset"] == "default"
-        for name in c["deploy"]:
-            if name not in NETWORKS:
-                raise ConfigError(f"key 'ctt.deploy' names {name!r}; choose from {list(NETWORKS)}")
-        if not c["deploy"]:
-            raise ConfigError("key 'ctt.deploy' must name at least one network")
-        problem = pretrained_problem(c["pretrained_b"], cfg["backbone"], cfg["deep_stem"])
-        if problem:
-            raise ConfigError(f"key 'ctt.pretrained_b': {problem}")
+        check_config(cfg, get_world_size())
         self.bank_per_step = c["bank_per_step"] or cfg["batch_size"]
-        world = get_world_size()
-        for per_step, size, keys in (
-            (self.bank_per_step, c["bank_size"], "'ctt.bank_per_step' (or batch_size) and 'ctt.bank_size'"),
-            (c["neg_per_step"], c["neg_queue_size"], "'ctt.neg_per_step' and 'ctt.neg_queue_size'"),
-        ):
-            if per_step * world > size:
-                raise ConfigError(
-                    f"keys {keys}: {world} process(es) x {per_step} new entries per class and step do not "
-                    f"fit in a queue of {size}"
-                )
-        dim = cfg["head_channels"]
-        self.banks = {n: ClassQueue.empty(self.nclass, c["bank_size"], dim, device) for n in "ab"}
-        self.queues = {n: ClassQueue.empty(self.nclass, c["neg_queue_size"], dim, device) for n in "ab"}
+        self.memory = ContrastMemory(
+            self.nclass, cfg["head_channels"], c["bank_size"], c["neg_queue_size"], device
+        )
         self.pending = None
         # Eval-mode teachers normalise each image alone, so the labeled batch for the banks can join the
         # next step's weak-view forward (the teacher has not changed in between) with the same result and
@@ -206,9 +254,7 @@ class CTT(Method):
             )
         if self.contrast:
             losses.update(self.contrast_losses(mask_x, view_a, view_b, student_a, student_b))
-            stats["bank_filled"] = torch.stack(
-                [b.filled().float().mean() for b in self.banks.values()]
-            ).mean()
+            stats["bank_filled"] = self.memory.bank_filled_share()
             fraction = unreliable_fraction(self.ccfg["unreliable_start"], self.iteration, self.total_iters)
             teachers = {"a": teacher_a, "b": teacher_b}
             self.pending = Pending(img_x, mask_x, teachers, valid_u, fraction)
@@ -277,22 +323,22 @@ class CTT(Method):
         c = self.ccfg
         weights = {"hc": c["hc_weight"], "lc": c["lc_weight"], "neg": c["neg_weight"]}
         if c["contrast_start"] == "banks_full":  # the release waits until every class of both banks is full
-            full = torch.stack([b.count.min() for b in self.banks.values()]).min() >= c["bank_size"]
+            full = self.memory.banks_full()
             weights = {k: w * full for k, w in weights.items()}
-        # (2, K, N, D) and (2, K, N): bank A, bank B
-        bank, filled = stacked(*[(b.features, b.filled()) for b in self.banks.values()])
+        bank, filled = self.memory.stacked_banks()  # (2, K, N, D) and (2, K, N): bank A, bank B
+        hc = (c["contrast_thresh"], self.nclass, c["anchors"])
         anchors, label, chosen = stacked(
-            self.hc_anchors(mask_x, view_a, student_a), self.hc_anchors(mask_x, view_b, student_b)
+            hc_anchors(mask_x, view_a, student_a, *hc), hc_anchors(mask_x, view_b, student_b, *hc)
         )
         terms = {"hc": hc_loss(anchors, label, chosen, bank, filled, c["hc_temperature"])}
         if self.negatives:
-            queue, queue_filled = stacked(*[(q.features, q.filled()) for q in self.queues.values()])
+            queue, queue_filled = self.memory.stacked_queues()
             terms["neg"] = negative_queue_loss(
                 anchors, label, chosen, bank, filled, queue, queue_filled, c["neg_temperature"]
             )
         anchors, peers, label, chosen = stacked(
-            self.lc_anchors(view_a, student_a, view_b, student_b),
-            self.lc_anchors(view_b, student_b, view_a, student_a),
+            lc_anchors(view_a, student_a, view_b, student_b, c, self.nclass),
+            lc_anchors(view_b, student_b, view_a, student_a, c, self.nclass),
         )
         both_banks = torch.cat(tuple(bank), dim=1)  # (K, 2N, D): the negatives of either student's LC
         both_filled = torch.cat(tuple(filled), dim=1)
@@ -301,50 +347,6 @@ class CTT(Method):
         for term, values in terms.items():  # values (2,): students A and B
             losses[f"{term}_a"], losses[f"{term}_b"] = weights[term] * values
         return losses
-
-    def hc_anchors(self, mask_x, view: MixedView, student: StudentOutput):
-        """A random sample of the student's labeled pixels (ground truth) and of its mixed pixels whose
-        pseudo-label is at least gamma confident: features (M, D), label (M,), chosen (M,)."""
-        grid = tuple(student.feature_u.shape[-2:])
-        label_x = sample_to_grid(mask_x, grid).flatten()
-        label_u = sample_to_grid(view.pseudo_label, grid).flatten()
-        valid = sample_to_grid(view.valid, grid)
-        confident = valid & (sample_to_grid(view.confidence, grid) >= self.ccfg["contrast_thresh"])
-        labels = torch.cat([label_x, label_u])
-        candidate = torch.cat([label_x != IGNORE, confident.flatten()])
-        features = torch.cat([pixels(student.feature_x), pixels(student.feature_u)])
-        index, label, chosen = self.anchors(of_class(labels, self.nclass) & candidate)
-        return features[index], label, chosen
-
-    def lc_anchors(self, view: MixedView, student: StudentOutput, peer_view: MixedView, peer: StudentOutput):
-        """Pixels whose cross-teacher pseudo-label is below gamma, labelled by the peer student's
-        prediction; with lc_peer_confident only where the peer is at least gamma sure and surer than the
-        student. Returns the student's and the peer's features of a random sample (M, D), its label
-        and chosen mask (M,)."""
-        c = self.ccfg
-        grid = tuple(student.feature_u.shape[-2:])
-        paired = view.valid & peer_view.valid
-        if c["lc_pairing"] == "same_content":  # both mixed images show the same source pixel here
-            paired = paired & (view.paste == peer_view.paste)
-        candidate = sample_to_grid(paired & (view.confidence < c["contrast_thresh"]), grid)
-        own_conf = student.logits_low_u.detach().float().softmax(dim=1).amax(dim=1)
-        peer_conf, peer_label = peer.logits_low_u.detach().float().softmax(dim=1).max(dim=1)
-        if c["lc_peer_confident"]:
-            candidate = candidate & (peer_conf >= c["contrast_thresh"]) & (peer_conf > own_conf)
-        index, label, chosen = self.anchors(of_class(peer_label.flatten(), self.nclass) & candidate.flatten())
-        return pixels(student.feature_u)[index], pixels(peer.feature_u)[index], label, chosen
-
-    def anchors(self, candidates: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """At most `ctt.anchors` of the candidates (K, N), drawn at random within each class and shared
-        evenly among the classes present: index (M,), label (M,), chosen (M,)."""
-        index, chosen = self.sample(candidates, self.ccfg["anchors"])
-        return round_robin(index, chosen, self.ccfg["anchors"])
-
-    def sample(self, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to k of each class's candidates (..., K, N), uniformly at random (global torch RNG):
-        (..., K, k')."""
-        uniform = torch.rand(*candidates.shape[:-2], candidates.shape[-1], device=candidates.device)
-        return per_class_sample(candidates, uniform, k)
 
     # ---------------------------------------------------------------------- after the optimizer step
     def after_optimizer_step(self) -> None:
@@ -368,44 +370,31 @@ class CTT(Method):
         the pixels it gets right with confidence, the most confident bank_per_step per class and process,
         from every process."""
         c = self.ccfg
-        grid = tuple(out.decoder.shape[-2:])
-        label = sample_to_grid(mask_x, grid).flatten()
-        candidate, score = bank_candidates(
-            pixels(out.logits_low), label, c["bank_thresh"], c["bank_confidence"] == "logit"
-        )
-        index, chosen = per_class_sample(of_class(label, self.nclass) & candidate, score, self.bank_per_step)
-        self.banks[name].push(*gather_from_ranks(pixels(out.decoder)[index], chosen))
+        label = sample_to_grid(mask_x, tuple(out.decoder.shape[-2:]))
+        self.memory.push_bank(
+            name, out.logits_low, out.decoder, label, c["bank_thresh"], c["bank_confidence"] == "logit",
+            self.bank_per_step,
+        )  # fmt: skip
 
     def push_negatives(self, p: Pending) -> None:
         """Queues: a random sample of each teacher's unreliable weak-view pixels, for each class they rank
         below their neg_skip_top most probable ones. Both teachers at once, stacked on a leading 2."""
         views = [p.teachers[name] for name in "ab"]
-        grid = tuple(views[0].feature.shape[-2:])
-        logits = torch.cat([v.logits_low for v in views]).float()  # teacher A's images, then B's
-        prob = pixels(logits.softmax(dim=1)).unflatten(0, (2, -1))  # (2, N, K)
-        valid = sample_to_grid(p.valid_u, grid).flatten()
-        unreliable = unreliable_mask(prob, valid, p.unreliable)  # (2, N)
-        candidates = negative_candidates(prob, unreliable, self.ccfg["neg_skip_top"])  # (2, K, N)
-        index, chosen = self.sample(candidates, self.ccfg["neg_per_step"])  # (2, K, k)
-        features = pixels(torch.cat([v.feature for v in views])).unflatten(0, (2, -1))  # (2, N, D)
-        teacher = torch.arange(2, device=index.device)[:, None, None]
-        features, chosen = gather_from_ranks(features[teacher, index], chosen)  # (2, K, W k, D), (2, K, W k)
-        for i, name in enumerate("ab"):
-            self.queues[name].push(features[i], chosen[i])
+        logits_low = torch.stack([v.logits_low for v in views])  # (2, B, K, h, w): teacher A, teacher B
+        valid = sample_to_grid(p.valid_u, tuple(logits_low.shape[-2:]))
+        uniform = torch.rand(2, valid.numel(), device=valid.device)  # the sample's draws (global torch RNG)
+        features = torch.stack([v.feature for v in views])  # (2, B, D, h, w)
+        self.memory.push_negatives(
+            logits_low, features, valid, p.unreliable, self.ccfg["neg_skip_top"], uniform,
+            self.ccfg["neg_per_step"],
+        )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {
-            "banks": {n: q.state_dict() for n, q in self.banks.items()},
-            "queues": {n: q.state_dict() for n, q in self.queues.items()},
-        }
+        return self.memory.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state) != {"banks", "queues"}:
-            raise ValueError(f"CTT needs its memory banks and queues, but the checkpoint has {sorted(state)}")
-        for n in "ab":
-            self.banks[n].load_state_dict(state["banks"][n])
-            self.queues[n].load_state_dict(state["queues"][n])
+        self.memory.load_state_dict(state)
 
     def rank_state_dict(self) -> dict:
         """This process's labeled batch that the banks have yet to take (each process its own)."""
@@ -419,7 +408,7 @@ class CTT(Method):
             raise ValueError(f"CTT's per-process state is its bank input; the checkpoint has {sorted(state)}")
         self.bank_input = None
         if "bank_input" in state:
-            device = self.banks["a"].features.device
+            device = self.memory.banks["a"].features.device
             pending = state["bank_input"]
             self.bank_input = BankInput(pending["image"].to(device), pending["mask"].to(device))
 

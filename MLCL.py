@@ -25,12 +25,12 @@ from util.losses.mlcl import (
     fka_prototype_loss,
     noise_injection,
     per_image_similarity,
-    pixels,
     point_to_point_loss,
     sai_strength,
     sai_weight,
     softmax_mse,
 )
+from util.losses.pixels import pixels
 
 
 class MLCL(UniMatch):

@@ -14,25 +14,13 @@ import torch.nn.functional as F
 from model.semseg.deeplabv3plus import SegmentationOutput
 from util.engine import Method, main
 from util.losses import IGNORE, confident_cross_entropy
+from util.losses.pixels import sample_to_grid
 
 
 def cutmix(image: torch.Tensor, image_mix: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """Paste `image_mix` into `image` where the box (B, H, W) is 1; on the device, no copies per image."""
     box = box.bool()
     return torch.where(box.unsqueeze(1) if image.dim() == 4 else box, image_mix, image)
-
-
-def sample_to_grid(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Sample a full-resolution map (B, H, W) at the pixels a feature grid (h, w) sits on.
-
-    The feature pixel i of a stride-4 map looks at input pixel round(i * (H - 1) / (h - 1)), the
-    align_corners=True convention used for every resize in the model; for H = 4h - 3 (321, 513, 801) this
-    is exactly mask[:, ::4, ::4]. Nearest sampling keeps labels and the ignore value 255 intact.
-    """
-    height, width = mask.shape[-2:]
-    rows = torch.linspace(0, height - 1, size[0], device=mask.device).round().long()
-    cols = torch.linspace(0, width - 1, size[1], device=mask.device).round().long()
-    return mask[..., rows[:, None], cols[None, :]]
 
 
 def resize_feature(feature: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -50,14 +50,14 @@ def after_labels(count: int, action) -> None:
 
 
 def in_last_evaluation(stage: str, sig: str) -> None:
-    evaluate = Trainer.evaluate
+    evaluate = Trainer._evaluate_and_save
 
     def signal_then_evaluate(self, *a, **kw):
-        if os.path.basename(self.save_path) == stage and self.iteration == self.total_iters:
+        if os.path.basename(self.save_path) == stage and self.iteration == self.progress.total_iters:
             send(sig)
         return evaluate(self, *a, **kw)
 
-    Trainer.evaluate = signal_then_evaluate
+    Trainer._evaluate_and_save = signal_then_evaluate
 
 
 def in_ranking(sig: str) -> None:

@@ -113,3 +113,15 @@ def test_poly_lr_follows_unimatch_update_order():
     assert poly_lr(0.01, 0, 100, 0.9) == 0.01
     assert poly_lr(0.01, 1, 100, 0.9) == 0.01  # lr is updated after the step, so step 1 still uses base
     assert poly_lr(0.01, 51, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+
+
+@pytest.mark.parametrize("name", ["pascal", "cityscapes", "coco", "demo", "camvid"])
+def test_configs_restate_no_method_default(name):
+    """Defaults live in util/config.py alone: a config's method sections state only what differs, so that
+    a changed default reaches every config that does not choose otherwise."""
+    from tests.conftest import method_section
+    from util.config import defaults
+
+    for section, values in defaults().items():
+        if isinstance(values, dict) and section != "demo":  # demo: the generator's settings, stated in full
+            method_section(name, section)

@@ -1,5 +1,7 @@
 """CTT: every term against a loop over images, classes, anchors and entries of the formula it implements,
-the FIFO queue against a list, and the queue's cross-rank gather under two gloo processes."""
+the FIFO queue against a list, and the queue's cross-rank gather under two gloo processes; one whole step
+of both students on per-pixel networks against loops (who teaches whom, ClassMix, every term), the teachers
+following their own students, and the banks a train-mode teacher feeds."""
 
 import math
 import sys
@@ -9,8 +11,8 @@ import pytest
 import torch
 
 from tests import ctt_ranks
-from tests.conftest import method_section
 from tests.test_engine_networks import same
+from tests.test_unimatch_step import make_batch
 from util.losses import ctt as L
 
 
@@ -360,7 +362,7 @@ def fill_banks(method, seed=0):
     """Every class of both banks and queues holds a few random entries."""
     g = torch.Generator().manual_seed(seed)
     K, dim = method.nclass, method.cfg["head_channels"]
-    for queue in (*method.banks.values(), *method.queues.values()):
+    for queue in (*method.memory.banks.values(), *method.memory.queues.values()):
         queue.push(torch.randn(K, 3, dim, generator=g), torch.ones(K, 3, dtype=torch.bool))
 
 
@@ -385,8 +387,6 @@ TERMS = {
 
 @pytest.mark.parametrize("preset", ["released", "paper", "default"])
 def test_step_runs_the_forwards_its_terms_need_and_no_other(tiny_config, preset):
-    from tests.test_unimatch_step import make_batch
-
     method, networks = make_ctt(
         tiny_config, f"ctt.preset={preset}", "ctt.contrast_thresh=0.3", "ctt.bank_thresh=0"
     )
@@ -397,40 +397,36 @@ def test_step_runs_the_forwards_its_terms_need_and_no_other(tiny_config, preset)
     assert all(torch.isfinite(v) for v in losses.values())
     # one forward per student (labeled + mixed view as one batch), one per teacher (weak view)
     assert calls == {"student_a": 1, "student_b": 1, "teacher_a": 1, "teacher_b": 1}
-    banks = {n: q.state_dict() for n, q in method.banks.items()}
+    banks = {n: q.state_dict() for n, q in method.memory.banks.items()}
     method.after_optimizer_step()
     assert all(t.updates == 1 for t in (method.teacher_a, method.teacher_b))
     assert calls == {"student_a": 1, "student_b": 1, "teacher_a": 1, "teacher_b": 1}
-    assert all(torch.equal(q.features, banks[n]["features"]) for n, q in method.banks.items())
+    assert all(torch.equal(q.features, banks[n]["features"]) for n, q in method.memory.banks.items())
     # the updated teachers' forward of that labeled batch feeds the banks (none when released): it joins
     # the next step's weak-view forward, one forward per network again
     assert (method.bank_input is None) == (preset == "released")
     method.step(make_batch(B=2, H=33, W=33, K=6, seed=1))
     assert calls == {"student_a": 2, "student_b": 2, "teacher_a": 2, "teacher_b": 2}
-    fed = not all(torch.equal(q.features, banks[n]["features"]) for n, q in method.banks.items())
+    fed = not all(torch.equal(q.features, banks[n]["features"]) for n, q in method.memory.banks.items())
     assert fed == (preset != "released")
 
 
-@pytest.mark.parametrize("teacher_mode", ["eval", "train"])
-def test_banks_fed_in_the_next_teacher_pass_equal_a_forward_of_their_own(tiny_config, teacher_mode):
+def test_banks_fed_in_the_next_teacher_pass_equal_a_forward_of_their_own(tiny_config):
     """The eval-mode teachers' bank forward, folded into the next step's weak-view pass, fills the banks
-    (and so the next contrast terms) as a separate forward after the optimizer step does; a train-mode
-    teacher runs it separately."""
-    from tests.test_unimatch_step import make_batch
-
-    overrides = ["ctt.contrast_thresh=0.3", "ctt.bank_thresh=0", f"ctt.teacher_mode={teacher_mode}"]
+    (and so the next contrast terms) as a separate forward after the optimizer step does."""
+    overrides = ["ctt.contrast_thresh=0.3", "ctt.bank_thresh=0", "ctt.teacher_mode=eval"]
     results = []
     for fold in (True, False):
         method, _ = make_ctt(tiny_config, *overrides)
-        assert method.fold_bank_forward == (teacher_mode == "eval")
-        method.fold_bank_forward = fold and teacher_mode == "eval"
+        assert method.fold_bank_forward
+        method.fold_bank_forward = fold
         torch.manual_seed(0)
         method.step(make_batch(B=2, H=33, W=33, K=6))
         method.after_optimizer_step()
         torch.manual_seed(1)
         losses, _ = method.step(make_batch(B=2, H=33, W=33, K=6, seed=1))
-        assert all(int(q.count.sum()) > 0 for q in method.banks.values())
-        results.append(({n: q.state_dict() for n, q in method.banks.items()}, losses))
+        assert all(int(q.count.sum()) > 0 for q in method.memory.banks.values())
+        results.append(({n: q.state_dict() for n, q in method.memory.banks.items()}, losses))
     (banks, losses), (banks_alone, losses_alone) = results
     for n in "ab":
         assert torch.equal(banks[n]["count"], banks_alone[n]["count"])
@@ -438,9 +434,43 @@ def test_banks_fed_in_the_next_teacher_pass_equal_a_forward_of_their_own(tiny_co
     torch.testing.assert_close(losses, losses_alone, atol=1e-5, rtol=1e-4)
 
 
-def test_gradients_reach_each_student_through_its_own_terms_only(tiny_config):
-    from tests.test_unimatch_step import make_batch
+def test_train_mode_teachers_feed_their_own_banks_from_a_forward_of_the_labeled_batch_alone(tiny_config):
+    """A train-mode teacher normalises by its batch's statistics, so its bank forward cannot join the weak
+    images: after the optimizer step each updated teacher runs the labeled batch alone, and its bank takes
+    the pixels it gets right (bank_thresh 0), the bank_per_step most confident per class, as unit vectors
+    of its decoder feature. Recomputed here with loops over the stride-4 grid (33 = 4 * 9 - 3)."""
+    method, networks = make_ctt(tiny_config, "ctt.contrast_thresh=0.3", "ctt.bank_thresh=0",
+                                "ctt.teacher_mode=train")  # fmt: skip
+    batch = make_batch(B=2, H=33, W=33, K=6)
+    torch.manual_seed(0)
+    method.step(batch)
+    assert all(int(q.count.sum()) == 0 for q in method.memory.banks.values())
+    method.after_optimizer_step()
+    assert method.bank_input is None, "the next step's teacher pass has nothing left to feed"
+    img_x, mask_x = batch["labeled"]
+    label = mask_x[:, ::4, ::4]
+    per_step = method.cfg["batch_size"]
+    for name in "ab":
+        teacher = networks.all[f"teacher_{name}"]
+        assert teacher.training
+        with torch.no_grad():  # batch statistics: the running ones this forward moves do not matter
+            out = teacher(img_x, features=True)
+        expected = {}
+        for b, y, x in [(b, y, x) for b in range(2) for y in range(9) for x in range(9)]:
+            prob = out.logits_low[b, :, y, x].softmax(dim=0)
+            if label[b, y, x] != 255 and int(prob.argmax()) == int(label[b, y, x]):
+                feature = torch.nn.functional.normalize(out.decoder[b, :, y, x], dim=0)
+                expected.setdefault(int(label[b, y, x]), []).append((float(prob.max()), feature))
+        assert expected, "the teacher gets no pixel right: nothing to compare"
+        bank = method.memory.banks[name]
+        for c in range(method.nclass):
+            chosen = [f for _, f in sorted(expected.get(c, []), key=lambda e: -e[0])[:per_step]]
+            assert int(bank.count[c]) == len(chosen), f"bank {name}, class {c}"
+            for j, feature in enumerate(chosen):
+                torch.testing.assert_close(bank.features[c, j], feature, atol=1e-5, rtol=1e-4)
 
+
+def test_gradients_reach_each_student_through_its_own_terms_only(tiny_config):
     method, networks = make_ctt(
         tiny_config, "ctt.contrast_thresh=0.3", "ctt.lc_peer_confident=false", "ctt.ct_thresh=0"
     )
@@ -462,31 +492,190 @@ def test_gradients_reach_each_student_through_its_own_terms_only(tiny_config):
         assert reached == {own}, f"{term} reaches {reached}"
 
 
-def test_student_a_learns_from_teacher_b_on_the_mixed_view(tiny_config):
-    """Teacher A says class 1 everywhere, teacher B class 2, both surely: with one class per image ClassMix
-    chooses none, so each mixed image is the next image of the batch, and S_A's CT term is the plain
-    cross-entropy to class 2 of S_A's prediction of those images (weight 1: every pixel is confident)."""
-    from tests.test_unimatch_step import make_batch
+# ------------------------------------------------------------------------ the step, pixel by pixel
+def pointwise_ctt(K=3, C=4, seeds=(84, 54, 78, 86), **ctt):
+    """CTT over per-pixel networks (tests/pointwise.py): two students and two EMA teachers, each with
+    weights of its own (`seeds`: students A, B, teachers A, B, drawn so that every term has anchors on the
+    test's batch), attached as the engine would; banks and queues hold three entries per class."""
+    from CTT import CTT
+    from tests.pointwise import PointwiseNet
+    from util.config import defaults
+    from util.ema import ema_teacher
     from util.losses import cross_entropy
 
-    method, networks = make_ctt(tiny_config, "ctt.preset=released")
-    for name, label in (("teacher_a", 1), ("teacher_b", 2)):
-        classifier = networks.all[name].module.classifier
-        with torch.no_grad():
-            classifier.weight.zero_()
-            classifier.bias.zero_()
-            classifier.bias[label] = 50.0
-    batch = make_batch(B=3, H=33, W=33, K=6)
-    torch.manual_seed(0)
+    cfg = {**defaults(), "nclass": K, "head_channels": C, "batch_size": 3}
+    cfg["ctt"] = {**cfg["ctt"], **ctt}
+    method = CTT(cfg, cross_entropy, torch.device("cpu"))
+    nets = {
+        "student_a": PointwiseNet(K, C, seed=seeds[0]),
+        "student_b": PointwiseNet(K, C, seed=seeds[1]),
+        "teacher_a": ema_teacher(PointwiseNet(K, C, seed=seeds[2]), cfg["ctt"]["ema_decay"]),
+        "teacher_b": ema_teacher(PointwiseNet(K, C, seed=seeds[3]), cfg["ctt"]["ema_decay"]),
+    }
+    method.attach(nets, nets)
+    fill_banks(method, seed=35)
+    return method, nets
+
+
+def inputs_of(nets):
+    """{name: [the input of each forward]} of the networks, filled as they run."""
+    seen = {name: [] for name in nets}
+    for name, net in nets.items():
+        module = getattr(net, "module", net)
+        module.register_forward_hook(lambda _, args, out, name=name: seen[name].append(args[0]))
+    return seen
+
+
+def entries_of(queue):
+    """[(class, entry as a list)] of a ClassQueue's filled slots."""
+    filled = queue.filled()
+    return [(c, queue.features[c, j].tolist()) for c, j in filled.nonzero().tolist()]
+
+
+def info_nce_reference(anchors, tau):
+    """Class-balanced InfoNCE of anchors [(class, vector, positives, negatives)]: an anchor without
+    positives does not count; the mean over a class's anchors, then over the classes."""
+    per_class = {}
+    for c, anchor, positives, negatives in anchors:
+        if positives:
+            per_class.setdefault(c, []).append(nce_reference(anchor, positives, negatives, tau))
+    assert per_class, "no anchor: the term is zero whatever the code does"
+    return class_mean(list(per_class.values()))
+
+
+def of_class(entries, c):
+    return [e for k, e in entries if k == c]
+
+
+def not_of_class(entries, c):
+    return [e for k, e in entries if k != c]
+
+
+def prototype_of(entries, c):
+    """[the mean of class c's entries] (empty without any)."""
+    kept = of_class(entries, c)
+    return [[sum(e[d] for e in kept) / len(kept) for d in range(len(kept[0]))]] if kept else []
+
+
+def test_step_terms_of_both_students_equal_the_loop_reference_and_teachers_follow_their_own_student():
+    """One CTT step on per-pixel networks, both students, every term, recomputed with loops:
+
+    - S_A sees strong view 1 ClassMixed by teacher B's pseudo-label (S_B: view 2, teacher A); which pixels
+      were pasted is read from the image S_A saw, and must be the valid pixels of half (rounded down) of
+      the classes teacher B predicts on the pasted image; the targets are mixed the same way;
+    - CT = (the view's share of pixels at least ct_thresh sure) x mean CE over its valid pixels;
+    - HC: labeled pixels (ground truth) and mixed pixels at least gamma sure against the student's bank;
+      the unreliable negatives: the same anchors against their class's prototype and negative queue;
+      LC: mixed pixels below gamma whose peer student is at least gamma sure and surer, showing the same
+      source pixel in both mixed images, against the peer's feature and both banks' other classes;
+    - then each teacher follows its own student, and each queue takes its own teacher's features.
+    Three images, so that pasting from image i - 1 instead of i + 1 differs; every weight differs."""
+    from tests.pointwise import assert_terms, ce, maps, mean_ce, pixels, softmax, vec
+
+    gamma, ct_thresh, weights = 0.75, 0.8, {"hc": 0.3, "lc": 0.5, "neg": 0.7}
+    method, nets = pointwise_ctt(
+        contrast_thresh=gamma, ct_thresh=ct_thresh, hc_weight=0.3, lc_weight=0.5, neg_weight=0.7,
+        neg_skip_top=1, unreliable_start=0.5,
+    )  # fmt: skip
+    banks = {n: entries_of(q) for n, q in method.memory.banks.items()}
+    queues = {n: entries_of(q) for n, q in method.memory.queues.items()}
+    seen = inputs_of(nets)
+    batch = make_batch(B=3, H=4, W=5, K=3, seed=36)
+    torch.manual_seed(0)  # ClassMix's draws of the classes to paste (the reference reads them off the image)
     losses, stats = method.step(batch)
-    img_x = batch["labeled"][0]
-    _, img_s1, img_s2, ignore, _, _ = batch["unlabeled"]
-    valid = (ignore != 255).roll(-1, dims=0)
-    for student, image, label in (("student_a", img_s1, 2), ("student_b", img_s2, 1)):
-        logits = networks.all[student](torch.cat((img_x, image.roll(-1, dims=0))))[3:]
-        expected = cross_entropy(logits, torch.where(valid, label, 255))
-        torch.testing.assert_close(losses[f"ct_{student[-1]}"], expected)
-    assert stats["ct_weight_a"].item() == stats["ct_weight_b"].item() == 1.0
+
+    img_x, mask_x = batch["labeled"]
+    img_u_w, img_s1, img_s2, ignore = batch["unlabeled"][:4]
+    B = img_x.shape[0]
+    assert all(torch.equal(seen[f"teacher_{n}"][0], img_u_w) for n in "ab"), "teachers see the weak view"
+    teacher = {}  # name -> {pixel: (label, confidence)} of the weak view
+    for n in "ab":
+        logits = maps(nets[f"teacher_{n}"].module, img_u_w)[1]
+        teacher[n] = {p: max(((k, v) for k, v in enumerate(softmax(vec(logits, *p)))), key=lambda kv: kv[1])
+                      for p in pixels(ignore)}  # fmt: skip
+
+    views, pasted_somewhere = {}, False
+    for s, peer_teacher, strong in (("a", "b", img_s1), ("b", "a", img_s2)):
+        (student_input,) = seen[f"student_{s}"]
+        assert torch.equal(student_input[:B], img_x)
+        mixed = student_input[B:]
+        labels = teacher[peer_teacher]
+        paste, view = {}, {}
+        for b, y, x in pixels(ignore):
+            own = torch.equal(mixed[b, :, y, x], strong[b, :, y, x])
+            assert own or torch.equal(mixed[b, :, y, x], strong[(b + 1) % B, :, y, x]), "not ClassMix"
+            paste[b, y, x] = own
+            src = b if own else (b + 1) % B
+            view[b, y, x] = (*labels[src, y, x], bool(ignore[src, y, x] != 255))
+        for b in range(B):  # ClassMix: the valid pixels of n // 2 of the n classes the cross teacher sees
+            image = [p for p in pixels(ignore) if p[0] == b]
+            present = {labels[p][0] for p in image if ignore[p] != 255}
+            chosen = {labels[p][0] for p in image if paste[p]}
+            assert len(chosen) == len(present) // 2
+            assert all(paste[p] == (ignore[p] != 255 and labels[p][0] in chosen) for p in image)
+            pasted_somewhere |= bool(chosen)
+        features_x, logits_x, _ = maps(nets[f"student_{s}"], img_x)
+        features_u, logits_u, _ = maps(nets[f"student_{s}"], mixed)
+        views[s] = {"paste": paste, "view": view, "features_u": features_u, "logits_u": logits_u,
+                    "features_x": features_x, "logits_x": logits_x}  # fmt: skip
+    assert pasted_somewhere, "ClassMix pasted nothing: the label and the image could be mixed differently"
+
+    expected = {}
+    for s, peer in (("a", "b"), ("b", "a")):
+        v, pv = views[s], views[peer]
+        valid = [p for p in pixels(ignore) if v["view"][p][2]]
+        weight = sum(v["view"][p][1] >= ct_thresh for p in valid) / len(valid)
+        assert 0 < weight < 1
+        expected[f"sup_{s}"] = mean_ce(v["logits_x"], mask_x)
+        expected[f"ct_{s}"] = (
+            weight * sum(ce(vec(v["logits_u"], *p), v["view"][p][0]) for p in valid) / len(valid)
+        )
+
+        # HC and the unreliable negatives share their anchors
+        anchors = [(int(mask_x[p]), vec(v["features_x"], *p)) for p in pixels(mask_x) if mask_x[p] != 255]
+        anchors += [(v["view"][p][0], vec(v["features_u"], *p)) for p in valid if v["view"][p][1] >= gamma]
+        bank, queue = banks[s], queues[s]
+        hc = info_nce_reference([(c, a, of_class(bank, c), not_of_class(bank, c)) for c, a in anchors], 0.1)
+        neg = info_nce_reference([(c, a, prototype_of(bank, c), of_class(queue, c)) for c, a in anchors], 0.5)
+
+        # LC: the peer student's confidence and label of the same pixel of its own mixed image
+        lc_anchors, both_banks = [], banks["a"] + banks["b"]
+        for p in valid:
+            own_conf = max(softmax(vec(v["logits_u"], *p)))
+            peer_label, peer_conf = max(enumerate(softmax(vec(pv["logits_u"], *p))), key=lambda kv: kv[1])
+            if (pv["view"][p][2] and v["paste"][p] == pv["paste"][p] and v["view"][p][1] < gamma
+                    and peer_conf >= gamma and peer_conf > own_conf):  # fmt: skip
+                anchor, positive = vec(v["features_u"], *p), vec(pv["features_u"], *p)
+                lc_anchors.append((peer_label, anchor, [positive], not_of_class(both_banks, peer_label)))
+        lc = info_nce_reference(lc_anchors, 0.5)
+        expected.update({f"hc_{s}": weights["hc"] * hc, f"neg_{s}": weights["neg"] * neg,
+                         f"lc_{s}": weights["lc"] * lc})  # fmt: skip
+    assert_terms(losses, expected, rel=1e-4)
+    assert stats["ct_weight_a"].item() != stats["ct_weight_b"].item()
+
+    # After the optimizer step (here: each student moved at random), each teacher's first update copies
+    # its own student; each queue takes features of its own teacher's view of the weak images.
+    g = torch.Generator().manual_seed(37)
+    with torch.no_grad():
+        for s in "ab":
+            for p in nets[f"student_{s}"].parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+    teacher_features = {n: maps(nets[f"teacher_{n}"].module, img_u_w)[0] for n in "ab"}
+    method.after_optimizer_step()
+    for s in "ab":
+        student, followed = nets[f"student_{s}"], nets[f"teacher_{s}"]
+        assert followed.updates == 1
+        assert all(torch.equal(a, b) for a, b in zip(followed.module.parameters(), student.parameters())), (
+            f"teacher {s} does not follow student {s}"
+        )
+    for n in "ab":
+        new = [e for e in entries_of(method.memory.queues[n]) if e not in queues[n]]
+        assert new, f"queue {n} took no negative"
+        for other in "ab":
+            units = [torch.nn.functional.normalize(teacher_features[other][b, :, y, x], dim=0)
+                     for b, y, x in pixels(ignore)]  # fmt: skip
+            matches = [any(torch.allclose(torch.tensor(e), u, atol=1e-6) for u in units) for _, e in new]
+            assert all(matches) == (other == n), f"queue {n} holds teacher {other}'s features"
 
 
 def test_ctt_config_is_checked(tiny_config):
@@ -565,9 +754,3 @@ def test_two_processes_stay_identical_and_resume_bit_identically_after_sigkill(t
     assert same(r0, r1), "the ranks' networks differ"
     best = torch.load(straight / "best.pth", weights_only=True)
     assert best["network"] in ("teacher_a", "teacher_b") and "classifier.weight" in best["model"]
-
-
-@pytest.mark.parametrize("name", ["pascal", "cityscapes", "coco", "demo"])
-def test_configs_state_only_what_differs_from_the_ctt_defaults(name):
-    cfg = method_section(name, "ctt")
-    assert cfg["preset"] == "default" and cfg["ct_thresh"] == (0.8 if name == "demo" else 0.968)

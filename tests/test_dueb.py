@@ -1,11 +1,12 @@
 """DUEB: CPCL's intersection/union pseudo-labels, the aleatoric and energy losses against loop references
 and hand computations (paper and released variants), their gradient paths; the method's networks, forward
-passes and optimizer per switch; the global confusion matrix under two gloo processes; a two-process run
-killed and resumed bit-identically, and eval.py on its best.pth."""
+passes and optimizer per switch; one whole step of both branches on per-pixel networks against loops (which
+labels teach which branch, the CutMix box of the teachers' predictions, every weight); the global confusion
+matrix under two gloo processes; a two-process run killed and resumed bit-identically, and eval.py on its
+best.pth."""
 
 import json
 import math
-import os
 import sys
 
 import pytest
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 from DUEB import DUEB
 from tests import dueb_ranks
-from tests.conftest import method_section
 from tests.test_training import run
+from tests.test_unimatch_step import make_batch
 from unimatch import cutmix
 from util.config import ConfigError, load_config
 from util.engine import Trainer
@@ -27,6 +28,7 @@ from util.losses.dueb import (
     elu,
     energy_loss,
     global_cross_labels,
+    heteroscedastic_cross_entropy,
     intersection_union_labels,
     noisy_target_nll,
     weighted_cross_entropy,
@@ -274,6 +276,32 @@ def test_hand_written_gradients_equal_autograd_of_the_plain_formulas():
     assert torch.allclose(grad, expected)
 
 
+@pytest.mark.parametrize("with_sigma", [True, False])
+def test_heteroscedastic_cross_entropy_and_its_forward_pass_gradients_equal_autograd_of_the_plain_formula(
+    with_sigma,
+):
+    logits, variance, label, noise = (t.double() if t.is_floating_point() else t for t in aleatoric_inputs(5))
+    label = label.clamp(max=logits.shape[1] - 1)
+    logits = logits.to(memory_format=torch.channels_last).requires_grad_()  # as the model gives them
+    sigma = variance.sqrt().unsqueeze(1).requires_grad_(with_sigma)
+    upstream = torch.randn(label.shape, dtype=torch.double)
+    inputs = (logits, sigma) if with_sigma else (logits,)
+
+    got = heteroscedastic_cross_entropy(logits, sigma, noise, label)
+    grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    ce_clean = -logits.log_softmax(dim=1).gather(1, label.unsqueeze(1)).squeeze(1)
+    samples = logits.unsqueeze(1) + sigma * noise
+    index = label[:, None, None].expand(-1, noise.shape[1], 1, -1, -1)
+    ce_noisy = -samples.log_softmax(dim=2).gather(2, index).squeeze(2)  # (B, T, H, W)
+    gap = ce_clean.unsqueeze(1) - ce_noisy
+    assert (gap > 0).any() and (gap < 0).any()  # both sides of the ELU
+    plain = ce_clean + ce_clean * (-F.elu(gap)).mean(dim=1)
+    expected = torch.autograd.grad((plain * upstream).sum(), inputs)
+    assert got.dtype == torch.double and torch.allclose(got, plain)
+    for g, e in zip(grads, expected):
+        assert g.shape == e.shape and torch.allclose(g, e)
+
+
 @pytest.mark.parametrize("released", [False, True])
 def test_aleatoric_with_no_labelled_pixel_is_finite(released):
     logits, variance, label, noise = aleatoric_inputs(0)
@@ -424,14 +452,94 @@ def test_each_branch_runs_one_teacher_and_one_student_forward(tiny_config, view,
         assert torch.equal(image, torch.cat((img_x, student)) if grad else torch.cat((img_u, img_m)))
 
 
-@pytest.mark.parametrize("name", ["pascal", "cityscapes", "coco", "demo"])
-def test_configs_state_only_what_differs_from_the_dueb_defaults(name):
-    cfg = method_section(name, "dueb")
-    assert cfg["lambda_u"] == (5.0 if name == "cityscapes" else 1.0)
-    switches = (cfg["aleatoric"], cfg["energy"], cfg["count_ignored"], cfg["student_view"])
-    assert switches == ("paper", "released", False, "weak") and cfg["mc_samples"] == 10
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
-    assert load_config(path, ["dueb.aleatoric=off"])["dueb"]["aleatoric"] is False  # YAML reads off as false
+def pointwise_dueb(**dueb):
+    """DUEB over two per-pixel branches (tests/pointwise.py) with weights of their own; with the aleatoric
+    term on, variance heads that predict v = softplus(-30) ~ 1e-13: the Monte-Carlo samples then equal the
+    logits to ~1e-6, and the term is the plain cross-entropy whatever the noise draws are."""
+    from DUEB import VarianceHead
+    from tests.pointwise import PointwiseNet
+    from util.config import defaults
+
+    K, C = 3, 4
+    cfg = {**defaults(), "nclass": K, "head_channels": C}
+    cfg["dueb"] = {**cfg["dueb"], **dueb}
+    method = DUEB(cfg, cross_entropy, torch.device("cpu"))
+    nets = {"branch1": PointwiseNet(K, C, seed=41), "branch2": PointwiseNet(K, C, seed=40)}
+    if method.aleatoric != "off":
+        for k in (1, 2):
+            head = VarianceHead(C)
+            with torch.no_grad():
+                head.conv.weight.zero_()
+                head.conv.bias.fill_(-30.0)
+            nets[f"variance{k}"] = head
+    method.attach(nets, nets)
+    return method, nets
+
+
+@pytest.mark.parametrize("view", ["weak", "strong"])
+def test_step_terms_of_both_branches_equal_the_loop_reference(view):
+    """One DUEB step on per-pixel branches, recomputed with loops: each branch, as its own teacher,
+    predicts both unlabeled images, pasted by the box that mixes the image the branches learn from (read
+    from that image); CPCL's intersection labels teach branch 1 and the union labels branch 2, each with
+    its weights; each branch's energy and aleatoric terms weigh its labeled and unlabeled parts
+    differently; every term is the sum of the two branches'. All weights differ from one another."""
+    from tests.pointwise import ce, maps, mean_ce, mix_padded_elsewhere, softmax, vec
+
+    method, nets = pointwise_dueb(lambda_u=2.0, weight_labeled=0.3, weight_unlabeled=0.7, student_view=view)
+    seen = []
+    for k in (1, 2):
+        nets[f"branch{k}"].register_forward_hook(
+            lambda _, args, out, k=k: seen.append((k, args[0], torch.is_grad_enabled()))
+        )
+    batch = mix_padded_elsewhere(make_batch(B=2, H=4, W=5, K=3, seed=43))
+    losses, _ = method.step(batch)
+
+    img_x, mask_x = batch["labeled"]
+    img_u, img_u_s, _, ignore = batch["unlabeled"][:4]
+    img_m, img_m_s, _, ignore_m = batch["mix"][:4]
+    students = [image for _, image, grad in seen if grad]
+    assert len(students) == 2 and torch.equal(students[0], students[1])
+    B = img_x.shape[0]
+    assert torch.equal(students[0][:B], img_x)
+    mixed = students[0][B:]
+    base, pasted = (img_u, img_m) if view == "weak" else (img_u_s, img_m_s)
+    box = torch.zeros_like(ignore, dtype=torch.bool)
+    for p in pixels(ignore):
+        b, y, x = p
+        box[p] = torch.equal(mixed[b, :, y, x], pasted[b, :, y, x])
+        assert box[p] or torch.equal(mixed[b, :, y, x], base[b, :, y, x]), "not a CutMix of the two images"
+    assert box.any() and not box.all()
+
+    predictions = []
+    for k in (1, 2):
+        logits_u, logits_m = maps(nets[f"branch{k}"], img_u)[1], maps(nets[f"branch{k}"], img_m)[1]
+        label, confidence = torch.zeros_like(ignore), torch.zeros(ignore.shape)
+        for p in pixels(ignore):
+            prob = softmax(vec(logits_m if box[p] else logits_u, *p))
+            label[p] = max(range(len(prob)), key=lambda c: prob[c])
+            confidence[p] = prob[int(label[p])]
+        predictions += [label, confidence]
+    valid = torch.where(box, ignore_m, ignore) != IGNORE
+    _, _, inter, inter_w, union, union_w = cross_labels_reference(*predictions, valid, 3)
+    assert not torch.equal(inter, union), "the branches agree everywhere: the labels cannot be told apart"
+
+    expected = {"x": 0.0, "u": 0.0, "energy": 0.0, "aleatoric": 0.0}
+    for k, label, weight in ((1, inter, inter_w), (2, union, union_w)):
+        logits_x, logits_u = maps(nets[f"branch{k}"], img_x)[1], maps(nets[f"branch{k}"], mixed)[1]
+        labelled = [p for p in pixels(label) if label[p] != IGNORE]
+        expected["x"] += mean_ce(logits_x, mask_x)
+        expected["u"] += (
+            2.0
+            * sum(float(weight[p]) * ce(vec(logits_u, *p), int(label[p])) for p in labelled)
+            / len(labelled)
+        )
+        expected["energy"] += 0.3 * energy_reference(logits_x, mask_x, True) + 0.7 * energy_reference(
+            logits_u, label, True
+        )
+        expected["aleatoric"] += 0.3 * mean_ce(logits_x, mask_x) + 0.7 * mean_ce(logits_u, label)
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
 
 
 @pytest.mark.parametrize(

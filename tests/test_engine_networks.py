@@ -156,16 +156,21 @@ def test_ema_teacher_keeps_following_after_the_networks_are_moved_or_loaded():
 
 @pytest.mark.parametrize("buffers", ["ema", "own"])
 def test_ema_teacher_buffers_and_state_round_trip(buffers):
+    """buffers='ema' averages the BatchNorm running statistics like the weights (the first update copies,
+    the second at alpha = 0.5 halves the way) and copies the batch count; 'own' leaves them alone."""
     student = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
     teacher = ema_teacher(student, decay=0.5, buffers=buffers)
-    own_mean = teacher.module[1].running_mean.clone()
+    bn, own_mean = teacher.module[1], teacher.module[1].running_mean.clone()
     student(torch.randn(4, 3, 5, 5) + 3.0)  # moves the student's running statistics
-    teacher.update(student)
-    teacher.update(student)
-    moved = not torch.equal(teacher.module[1].running_mean, own_mean)
-    assert moved == (buffers == "ema")
+    teacher.update(student)  # t = 0: a copy
+    first = student[1].running_mean.clone()
+    student(torch.randn(4, 3, 5, 5) - 3.0)  # and again
+    teacher.update(student)  # t = 1: alpha = min(1/2, 0.5)
     if buffers == "ema":
-        torch.testing.assert_close(teacher.module[1].running_mean, student[1].running_mean)
+        torch.testing.assert_close(bn.running_mean, 0.5 * first + 0.5 * student[1].running_mean)
+        assert int(bn.num_batches_tracked) == int(student[1].num_batches_tracked) == 2
+    else:
+        assert torch.equal(bn.running_mean, own_mean) and int(bn.num_batches_tracked) == 0
     copy = ema_teacher(student, decay=0.5, buffers=buffers)
     copy.load_state_dict(teacher.state_dict())
     assert copy.updates == 2 and copy.alpha() == teacher.alpha() == 0.5

@@ -1,5 +1,6 @@
 """MLCL: every term against a direct, loop-based computation of its formula, the prototype memory
-(EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, and real runs."""
+(EMA, ranks, checkpoints), SAI's adaptive strength, gradient reach, the whole step on a per-pixel network
+against loops, and real runs."""
 
 import math
 import sys
@@ -439,6 +440,106 @@ def test_mlcl_step_returns_unimatch_terms_plus_weighted_mlcl_terms():
     assert set(losses) == {"x", "s1", "s2", "fp"} and not method.prototypes.initialised.any()
     with pytest.raises(ValueError, match="prototype memory"):
         method.load_state_dict({})
+
+
+def test_step_terms_and_memory_update_equal_the_loop_reference():
+    """MLCL's whole step on a per-pixel network: UniMatch's terms; point-to-point alignment and prototype
+    compactness of each strong view against the weak view of its content (u_w with its box pasted from
+    the mix image), averaged over the two views; the memory's EMA step from the confident weak-view
+    pixels; noise and masking of both strong views' features held to the pasted weak prediction.
+    Every weight differs, so that swapping two of them changes the numbers."""
+    from tests.pointwise import (
+        PointwiseNet,
+        UniMatchReference,
+        assert_terms,
+        mix_padded_elsewhere,
+        pixels,
+        softmax,
+        vec,
+    )
+
+    K, C = 3, 4
+    net = PointwiseNet(nclass=K, channels=C, seed=7)
+    section = {**defaults()["mlcl"], "p2p_weight": 0.3, "proto_weight": 0.2, "sai_weight": 0.5,
+               "anchor_thresh": 0.6, "num_anchors": 2, "num_strong": 3, "momentum": 0.9}  # fmt: skip
+    cfg = {**defaults(), "conf_thresh": 0.5, "nclass": K, "head_channels": C, "mlcl": section}
+    method = make_method(MLCL, net, cfg, cross_entropy)
+    method.iteration = method.total_iters = 10  # the end of the ramp: SAI at its full weight
+    g = torch.Generator().manual_seed(8)
+    memory, initialised = torch.rand(K, C, generator=g), torch.tensor([True, False, True])
+    method.prototypes.memory, method.prototypes.initialised = memory.clone(), initialised.clone()
+    batch = mix_padded_elsewhere(make_batch(B=2, H=4, W=5, K=K, seed=9))
+    torch.manual_seed(10)  # SAI's draws: noise of the features' shape (2B, C, H, W), then masking (2B,)
+    losses, _ = method.step(batch)
+    torch.manual_seed(10)
+    B, H, W = batch["labeled"][1].shape
+    u_noise, u_mask = torch.rand(2 * B, C, H, W), torch.rand(2 * B)
+
+    reference = UniMatchReference(net, batch)
+
+    reference.assert_informative(0.5)
+    expected = reference.terms(0.5)
+    p2p, proto, strong_all, weak_all, target_all = [], [], [], [], []
+    for k in (0, 1):
+        weak, strong = reference.weak_of_strong(k, 0), reference.maps["strong"][k][0]
+        targets = reference.strong[k]
+        valid = [p for p in pixels(weak) if targets[p][2]]
+        p2p.append(1 - sum(cos(vec(weak, *p), vec(strong, *p)) for p in valid) / len(valid))
+        order = pixels(weak)  # (b, y, x), the order of the flattened pixels
+        proto.append(reference_prototype_loss(
+            torch.tensor([vec(weak, *p) for p in order]), torch.tensor([vec(strong, *p) for p in order]),
+            torch.tensor([targets[p][0] for p in order]), torch.tensor([targets[p][1] for p in order]),
+            torch.tensor([targets[p][2] for p in order]), memory, initialised, 2, 3, 0.6,
+            "class", "topk", "anchors",
+        ))  # fmt: skip
+        strong_all.append(strong)
+        weak_all.append(weak)
+        prob_weak = reference.maps["weak"][1].softmax(dim=1)
+        prob_mix = reference.maps["mix"][1].softmax(dim=1)
+        box = reference.boxes[k]
+        target = torch.stack([(prob_mix if box[p] else prob_weak)[p[0], :, p[1], p[2]] for p in order])
+        target_all.append(target.view(B, H, W, K).permute(0, 3, 1, 2))
+    assert min(proto) > 0
+    expected["p2p"] = 0.3 * (p2p[0] + p2p[1]) / 2
+    expected["proto"] = 0.2 * (proto[0] + proto[1]) / 2
+
+    strong, weak, target = torch.cat(strong_all), torch.cat(weak_all), torch.cat(target_all)
+    weight, bias = net.classifier.weight.detach()[:, :, 0, 0].tolist(), net.classifier.bias.detach().tolist()
+    sums = {"noise": 0.0, "mask": 0.0}
+    for b in range(2 * B):
+        similarity = sum(cos(vec(weak, b, y, x), vec(strong, b, y, x)) for y in range(H) for x in range(W))
+        s = 0.15 * (1 + similarity / (H * W))
+        attention = [[sum(vec(strong, b, y, x)) / C for x in range(W)] for y in range(H)]
+        top = max(max(row) for row in attention) * (1 - s - 0.1 + 0.2 * float(u_mask[b]))
+        for y in range(H):
+            for x in range(W):
+                feature = vec(strong, b, y, x)
+                perturbed = {
+                    "noise": [
+                        f * (1 + (2 * float(u_noise[b, c, y, x]) - 1) * s) for c, f in enumerate(feature)
+                    ],
+                    "mask": [f * (attention[y][x] < top) for f in feature],
+                }
+                for name, f in perturbed.items():
+                    logits = [bias[j] + sum(weight[j][c] * f[c] for c in range(C)) for j in range(K)]
+                    prob = softmax(logits)
+                    sums[name] += sum((prob[j] - float(target[b, j, y, x])) ** 2 for j in range(K))
+    for name, total in sums.items():
+        expected[name] = 0.5 * total / (2 * B * K * H * W)
+    assert_terms(losses, expected)
+
+    # the memory's EMA step: the weak view's confident (> anchor_thresh), not-padding pixels, after the loss
+    weak_targets = reference.weak
+    order = pixels(reference.maps["weak"][0])
+    features = torch.tensor([vec(reference.maps["weak"][0], *p) for p in order])
+    labels = torch.tensor([weak_targets[p][0] for p in order])
+    confident = torch.tensor([weak_targets[p][2] and weak_targets[p][1] > 0.6 for p in order])
+    assert confident.any() and not confident.all()
+    expected_memory, expected_flags = reference_update_memory(
+        memory, initialised, features, labels, confident, 0.9, False
+    )
+    torch.testing.assert_close(method.prototypes.memory, expected_memory, atol=1e-6, rtol=1e-5)
+    assert method.prototypes.initialised.tolist() == expected_flags.tolist()
 
 
 # -------------------------------------------------------------------------------------------- configs

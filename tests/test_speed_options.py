@@ -11,7 +11,8 @@ from tools.passes import count_passes
 from unimatch import UniMatch
 from util.config import defaults, load_config
 from util.engine import Method, Networks, Trainer
-from util.engine.trainer import amp_dtype, build_optimizer
+from util.engine.device import amp_dtype
+from util.engine.trainer import build_optimizer
 from util.losses import cross_entropy
 
 
@@ -101,7 +102,7 @@ def test_compile_gives_the_same_losses_and_plain_checkpoints(tiny_config):
     assert type(trainer.method.model).__name__ == "OptimizedModule"  # the step really ran compiled
     assert compiled == pytest.approx(plain, rel=1e-4)
     # checkpoints hold the plain network's weights, which load into a network that was never compiled
-    weights = trainer.state_dict()["networks"]["model"]
+    weights = trainer.training_state.state_dict()["networks"]["model"]
     assert not any(key.startswith("_orig_mod") for key in weights)
 
 

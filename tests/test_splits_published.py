@@ -103,8 +103,12 @@ def test_configs_point_into_splits():
 
 
 def test_readme_names_only_shipped_split_files():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        named = set(re.findall(r"splits/(?:pascal|cityscapes|coco)/[\w/]+\.txt", f.read()))
+    docs = os.path.join(ROOT, "docs")
+    pages = ["README.md"] + [os.path.join("docs", n) for n in sorted(os.listdir(docs)) if n.endswith(".md")]
+    named = set()
+    for page in pages:
+        with open(os.path.join(ROOT, page)) as f:
+            named |= set(re.findall(r"splits/(?:pascal|cityscapes|coco)/[\w/]+\.txt", f.read()))
     assert named
     generated = {p for p in named if re.fullmatch(r"splits/coco/\w+/unlabeled\.txt", p)}
     assert [p for p in sorted(named - generated) if not os.path.isfile(os.path.join(ROOT, p))] == []

@@ -1,5 +1,6 @@
 """UCCL: SBU and CKR against direct loop computations of their formulas (paper and released variants),
-their gradient paths, the step's forward passes, and a two-process run that resumes."""
+their gradient paths, the whole step on a per-pixel network against loops, the step's forward passes, and
+a two-process run that resumes."""
 
 import math
 import sys
@@ -238,6 +239,48 @@ def test_step_adds_both_terms_with_no_extra_forward(switches, forwards):
     assert len(calls) == forwards
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{}, {"sbu": "released", "ckr": "released", "similarity": "negative", "weak_view": "forward"}],
+)
+def test_step_terms_equal_the_loop_reference_on_both_strong_views(switches):
+    """UniMatch's four terms, then SBU and CKR of each strong view k against the weak view of the same
+    content (u_w with box k pasted from the mix image), each weight on its own term, the two views
+    averaged. The weights and thresholds differ, so that swapping any two of them changes the numbers."""
+    from tests.pointwise import PointwiseNet, UniMatchReference, assert_terms, mix_padded_elsewhere
+
+    net = PointwiseNet(nclass=3, seed=2)
+    cfg = uccl_cfg(sbu_weight=0.3, ckr_weight=0.7, uncertain_thresh=0.8, **switches)  # conf_thresh 0.5
+    method = make_method(UCCL, net, cfg, cross_entropy)
+    batch = mix_padded_elsewhere(make_batch(B=2, H=4, W=5, K=3, seed=3))
+    losses, _ = method.step(batch)
+
+    released_sbu, released_ckr = switches.get("sbu") == "released", switches.get("ckr") == "released"
+    thresh = 0.5 if released_sbu else 0.8  # the released SBU reads conf_thresh
+    sign = -1.0 if switches.get("similarity") == "negative" else 1.0
+    reference = UniMatchReference(net, batch)
+    reference.assert_informative(0.5)
+    expected = reference.terms(0.5)
+    sbu, ckr = [], []
+    for k in (0, 1):
+        # a forward of the CutMixed weak image (weak_view=forward) gives the pasted maps: the net is pointwise
+        feat_weak, logits_weak = reference.weak_of_strong(k, 0), reference.weak_of_strong(k, 1)
+        feat_strong, logits_strong, _ = reference.maps["strong"][k]
+        valid = torch.zeros(feat_weak.shape[0], *feat_weak.shape[2:], dtype=torch.bool)
+        for p, (_, _, ok) in reference.strong[k].items():
+            valid[p] = ok
+        sbu.append(
+            sbu_reference(
+                feat_weak, feat_strong, logits_weak, logits_strong, valid, thresh, sign, released_sbu
+            )
+        )
+        ckr.append(ckr_reference(feat_weak, feat_strong, logits_weak, valid, released_ckr))
+    assert all(v > 0 for v in sbu + ckr)
+    expected["sbu"] = 0.3 * (sbu[0] + sbu[1]) / 2
+    expected["ckr"] = 0.7 * (ckr[0] + ckr[1]) / 2
+    assert_terms(losses, expected)
 
 
 def test_uccl_config_section_is_validated(tmp_path):

@@ -1,6 +1,7 @@
 """The UniMatch step against a direct, pixel-by-pixel computation: labeled cross-entropy, and confident
 cross-entropy on the CutMixed strong views (targets pasted from the mix image's eval-mode prediction) and
-on the feature-perturbed weak view, divided by the number of not-padding pixels."""
+on the feature-perturbed weak view, divided by the number of not-padding pixels; the supervised step; and
+the per-pixel reference (tests/pointwise.py) that the UCCL, MLCL and online CISC-R step tests build on."""
 
 import math
 
@@ -194,3 +195,34 @@ def test_predict_views_and_weak_view_of_cutmixed_content():
     # at another size, both parts are resized first
     enc = p.weak_cutmixed(p.strong_views[1], "encoder", size=(9, 9))
     assert enc.shape == (2, 16, 9, 9)
+
+
+def test_supervised_step_is_the_labeled_cross_entropy_and_reads_no_unlabeled_batch():
+    from supervised import Supervised
+    from tests.pointwise import PointwiseNet, ce, pixels, vec
+
+    net = PointwiseNet(nclass=3, seed=4)
+    method = make_method(Supervised, net, defaults(), cross_entropy)
+    batch = make_batch(B=2, H=4, W=5, K=3, seed=2)
+    losses, _ = method.step({"labeled": batch["labeled"]})  # no 'unlabeled' or 'mix' stream
+
+    img_x, mask_x = batch["labeled"]
+    with torch.no_grad():
+        logits = net(img_x)
+    terms = [ce(vec(logits, *p), int(mask_x[p])) for p in pixels(mask_x) if mask_x[p] != 255]
+    assert len(terms) == mask_x.numel() - 1  # make_batch ignores one labeled pixel
+    assert set(losses) == {"x"}
+    assert losses["x"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+
+
+def test_pointwise_reference_of_the_unimatch_step():
+    """The loop reference the UCCL, MLCL and online CISC-R step tests build on gives UniMatch's step."""
+    from tests.pointwise import PointwiseNet, UniMatchReference, assert_terms, mix_padded_elsewhere
+
+    net = PointwiseNet(nclass=3, seed=5)
+    method = make_method(UniMatch, net, {**defaults(), "conf_thresh": 0.6}, cross_entropy)
+    batch = mix_padded_elsewhere(make_batch(B=2, H=4, W=5, K=3, seed=6))
+    losses, _ = method.step(batch)
+    reference = UniMatchReference(net, batch)
+    reference.assert_informative(0.6)
+    assert_terms(losses, reference.terms(0.6))

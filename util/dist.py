@@ -90,6 +90,16 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_objects(obj) -> list:
+    """A picklable object from every rank, in rank order (e.g. each rank's random states)."""
+    objects = [None] * get_world_size()
+    if is_dist():
+        dist.all_gather_object(objects, obj)
+    else:
+        objects[0] = obj
+    return objects
+
+
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

@@ -77,7 +77,7 @@ def use_channels_last(net: nn.Module, device: torch.device) -> None:
     On a CPU, every DeepLabV3Plus in `net` keeps layer3, layer4 and the ASPP in the standard format (its
     input is converted at layer3): oneDNN copies each channels-last weight gradient once per convolution
     and backward, which in those stages (small maps, most of the weights) costs more than channels-last
-    saves. Measured on a 2-core CPU: README, Benchmark.
+    saves. Measured on a 2-core CPU: docs/benchmark.md.
     """
     net.to(memory_format=torch.channels_last)
     if device.type != "cpu":

@@ -1,4 +1,5 @@
-"""What a run reports: the text log, TensorBoard (curves, histograms, pictures, the config) and evals.jsonl.
+"""What a run reports: the text log (setup_logging), TensorBoard (curves, histograms, pictures, the config)
+and evals.jsonl.
 
 Only rank 0 writes. TensorBoard gets, at each evaluation, image | ground truth | prediction for the first
 `tb_images` validation images of every evaluated network, and at each logged step the loss terms, the
@@ -7,6 +8,8 @@ histogram), the learning rate and the count of skipped steps.
 """
 
 import logging
+import os
+import sys
 from dataclasses import asdict
 
 import yaml
@@ -17,6 +20,20 @@ from util.pseudo_labels import Quality
 from util.visualise import side_by_side
 
 logger = logging.getLogger("semiseg")
+
+
+def setup_logging(save_path: str | None, is_main: bool) -> None:
+    """The text log: rank 0 writes to stdout and save_path/train.log; the other ranks only their warnings."""
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if save_path is not None and is_main:
+        handlers.append(logging.FileHandler(os.path.join(save_path, "train.log")))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
 
 
 class Logbook:

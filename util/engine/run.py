@@ -1,6 +1,6 @@
 """Entry point of every method script: arguments, config, the Trainer, and an exit status for each fault.
 
-Exit statuses (README, "Fault tolerance"): 2 a config, data file or checkpoint that cannot be used (named
+Exit statuses (docs/fault-tolerance.md): 2 a config, data file or checkpoint that cannot be used (named
 in the message); 3 too many non-finite steps in a row; 4 the final checkpoint could not be written; 75 stopped
 by a signal with latest.pth written: run the same command again (a scheduler may requeue the job). Any other
 exception is a bug and keeps its traceback. The stop signals are caught from the start of run() to the end of

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from util.dist import get_world_size
-from util.losses.mlcl import select_by_similarity
+from util.losses.pixels import pixels, select_by_similarity
 
 # A finite stand-in for -inf: the log-sum-exp of an empty set, so that its gradients stay zero, not NaN.
 MASKED = torch.finfo(torch.float32).min
@@ -374,3 +374,80 @@ class ClassQueue:
         self.features = state["features"].to(device, torch.float32)
         self.count = state["count"].to(device, torch.long)
         self.head = state["head"].to(device, torch.long)
+
+
+class ContrastMemory:
+    """What CTT's contrastive terms read besides the step's own pixels, for each teacher ('a', 'b'): a memory
+    bank of its features of labeled pixels it gets right with confidence (HC's positives, every term's
+    negatives), and a queue of its unreliable unlabeled pixels, the negatives of the classes they rank
+    lowest. Both are filled after each optimizer step from every process's candidates."""
+
+    TEACHERS = ("a", "b")
+
+    def __init__(self, nclass: int, dim: int, bank_size: int, queue_size: int, device=None):
+        self.nclass = nclass
+        self.banks = {n: ClassQueue.empty(nclass, bank_size, dim, device) for n in self.TEACHERS}
+        self.queues = {n: ClassQueue.empty(nclass, queue_size, dim, device) for n in self.TEACHERS}
+
+    def stacked_banks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bank A's and bank B's entries (2, K, N, D) and which slots hold one (2, K, N)."""
+        return torch.stack([b.features for b in self.banks.values()]), torch.stack(
+            [b.filled() for b in self.banks.values()]
+        )
+
+    def stacked_queues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue A's and queue B's entries (2, K, N, D) and which slots hold one (2, K, N)."""
+        return torch.stack([q.features for q in self.queues.values()]), torch.stack(
+            [q.filled() for q in self.queues.values()]
+        )
+
+    def banks_full(self) -> torch.Tensor:
+        """Whether every class of both banks is full (a bool tensor: no host sync)."""
+        return torch.stack([b.count.min() for b in self.banks.values()]).min() >= self.banks["a"].size
+
+    def bank_filled_share(self) -> torch.Tensor:
+        """The share of both banks' slots that hold an entry."""
+        return torch.stack([b.filled().float().mean() for b in self.banks.values()]).mean()
+
+    def push_bank(
+        self, name: str, logits_low: torch.Tensor, decoder: torch.Tensor, label: torch.Tensor, thresh: float,
+        use_logit: bool, per_step: int,
+    ) -> None:  # fmt: skip
+        """Bank `name` takes its teacher's decoder features (B, D, h, w) of the labeled pixels it gets right
+        with confidence (logits_low (B, K, h, w) against label (B, h, w) on the same grid): the most
+        confident `per_step` per class and process, from every process."""
+        label = label.flatten()
+        candidate, score = bank_candidates(pixels(logits_low), label, thresh, use_logit)
+        index, chosen = per_class_sample(of_class(label, self.nclass) & candidate, score, per_step)
+        self.banks[name].push(*gather_from_ranks(pixels(decoder)[index], chosen))
+
+    def push_negatives(
+        self, logits_low: torch.Tensor, decoder: torch.Tensor, valid: torch.Tensor, share: float,
+        skip_top: int, uniform: torch.Tensor, per_step: int,
+    ) -> None:  # fmt: skip
+        """Both queues take a random sample of their teacher's unreliable weak-view pixels, for each class
+        they rank below their `skip_top` most probable ones. logits_low, decoder: teacher A's and teacher
+        B's maps stacked on a leading 2 (2, B, K, h, w), (2, B, D, h, w); valid (B, h, w) bool; `share`:
+        the unreliable share of the valid pixels; uniform (2, B h w) draws that make the sample."""
+        prob = pixels(logits_low.flatten(0, 1).float().softmax(dim=1)).unflatten(0, (2, -1))  # (2, N, K)
+        unreliable = unreliable_mask(prob, valid.flatten(), share)  # (2, N)
+        candidates = negative_candidates(prob, unreliable, skip_top)  # (2, K, N)
+        index, chosen = per_class_sample(candidates, uniform, per_step)  # (2, K, k)
+        features = pixels(decoder.flatten(0, 1)).unflatten(0, (2, -1))  # (2, N, D)
+        teacher = torch.arange(2, device=index.device)[:, None, None]
+        features, chosen = gather_from_ranks(features[teacher, index], chosen)  # (2, K, W k, D), (2, K, W k)
+        for i, name in enumerate(self.TEACHERS):
+            self.queues[name].push(features[i], chosen[i])
+
+    def state_dict(self) -> dict:
+        return {
+            "banks": {n: q.state_dict() for n, q in self.banks.items()},
+            "queues": {n: q.state_dict() for n, q in self.queues.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"banks", "queues"}:
+            raise ValueError(f"CTT needs its memory banks and queues, but the checkpoint has {sorted(state)}")
+        for n in self.TEACHERS:
+            self.banks[n].load_state_dict(state["banks"][n])
+            self.queues[n].load_state_dict(state["queues"][n])

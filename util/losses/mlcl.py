@@ -17,11 +17,7 @@ import torch.nn.functional as F
 
 from util.dist import all_reduce_sum, get_world_size
 from util.losses import cosine_alignment_loss, cosine_map
-
-
-def pixels(feature: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B * h * w, C), pixels in (b, y, x) order."""
-    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+from util.losses.pixels import select_by_similarity
 
 
 # --------------------------------------------------------------------------------------------------- FKA
@@ -40,21 +36,6 @@ def class_sums(
     onehot = (labels[:, None] == torch.arange(nclass, device=labels.device)) & mask[:, None]
     onehot = onehot.to(torch.float32)
     return onehot.t() @ features.float(), onehot.sum(dim=0)
-
-
-def select_by_similarity(
-    similarity: torch.Tensor, candidates: torch.Tensor, k: int, most_similar: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class (row), the indices of the k candidates most (or least) similar to its prototype.
-
-    similarity, candidates: (..., K, N). Returns index (..., K, k') and chosen (..., K, k') bool with
-    k' = min(k, N); a class with fewer than k' candidates has its first `count` positions chosen, in order
-    of similarity.
-    """
-    k = min(k, similarity.shape[-1])
-    score = similarity if most_similar else -similarity
-    values, index = score.masked_fill(~candidates, -math.inf).topk(k, dim=-1)
-    return index, values > -math.inf
 
 
 def released_anchor_order(index: torch.Tensor) -> torch.Tensor:
