@@ -35,31 +35,26 @@ import json
 import logging
 import os
 import sys
-import time
-from dataclasses import asdict
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Subset
 
-from dataset.classes import palette
 from dataset.query import FullImages, LabeledClasses, PairedLabeled, PartnerQuery, PseudoLabeled, WithPartner
-from dataset.semi import DataError, SemiDataset, check_same_size, load_mask, read_split
+from dataset.semi import SemiDataset, read_split
 from model import build_model
 from unimatch import UniMatch, cutmix, trained_on
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths, load_config
 from util.data import TrainingData, _mix, train_loader, validation_loader
-from util.dist import all_reduce_sum, barrier, broadcast_object, init_distributed
+from util.dist import all_reduce_sum, broadcast_object, init_distributed
 from util.ema import ema_teacher
 from util.engine import Method, Networks, Trainer, parse_args, prepare_demo_data, run
-from util.engine.device import amp_dtype
 from util.engine.logbook import setup_logging
 from util.engine.run import EXIT_BAD_INPUT, build_trainer
 from util.engine.saving import lock_save_path, prepare_save_path
-from util.engine.stop import StopRequested, ignore_stop_signals, process_stop
+from util.engine.stages import StageBook, combine_stage_evals
+from util.engine.stop import process_stop
 from util.files import write_atomic
+from util.labelling import PseudoLabeller, all_gather, by_size, chunks, measurable_masks
 from util.losses import IGNORE
 from util.losses.ciscr import (
     choose_shared_classes,
@@ -73,8 +68,6 @@ from util.losses.ciscr import (
     region_of,
     reliability,
 )
-from util.metrics import predict
-from util.pseudo_labels import pseudo_label_counts, quality_from_counts
 
 logger = logging.getLogger("semiseg")
 
@@ -317,51 +310,8 @@ class OnlineCISCR(UniMatch):
         self.teacher.update(self.unwrapped("model"))
 
 
-# ------------------------------------------------------------------------------------------- stages 2, 3, 5
-def label_file(folder: str, image: str) -> str:
-    """Where the pseudo-label of `image` (its path in the split file) goes: the same path inside `folder`,
-    with '.png' (an absolute path or '..' cannot lead outside `folder`)."""
-    parts = [p for p in os.path.normpath(image).split(os.sep) if p not in ("", ".", "..")]
-    return os.path.join(folder, os.path.splitext(os.path.join(*parts))[0] + ".png")
-
-
-def write_label(path: str, label: np.ndarray, colours: np.ndarray) -> None:
-    """A paletted PNG of class indices, written atomically (a killed run leaves no half file)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    picture = Image.fromarray(label.astype(np.uint8), mode="P")
-    picture.putpalette(colours.flatten().tolist())
-    write_atomic(path, lambda f: picture.save(f, format="PNG"))
-
-
-def chunks(dataset, positions, size: int, workers: int) -> DataLoader:
-    """The items of `dataset` at `positions`, in order, as lists of `size` (the last may be shorter). The
-    workers leave stop signals to the process (a Ctrl-C reaches them too)."""
-    return DataLoader(
-        Subset(dataset, list(positions)), batch_size=size, collate_fn=list, num_workers=min(workers, 2),
-        generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
-    )  # fmt: skip
-
-
-def by_size(items: list):
-    """(images (B, 3, H, W), labels, positions) for each image size among `items`, a list of (image, label,
-    position): a chunk's images of one size go through the network as one batch."""
-    groups = {}
-    for item in items:
-        groups.setdefault(tuple(item[0].shape[-2:]), []).append(item)
-    for group in groups.values():
-        images, labels, positions = zip(*group)
-        yield torch.stack(images), torch.stack(labels), list(positions)
-
-
-def all_gather(rows: list) -> list:
-    """Every rank's rows, concatenated in rank order (all ranks get all of them)."""
-    if not torch.distributed.is_initialized():
-        return rows
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
-
-
+# ---------------------------------------------------------------------------------------------- stages
+STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
 TRAINING_STAGES = ("stage1", "stage4", "stage6")
 
 
@@ -371,68 +321,14 @@ def stage_epochs(cfg: dict) -> list[int]:
     return cfg["ciscr"]["stage_epochs"] or [cfg["epochs"]] * len(TRAINING_STAGES)
 
 
-STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
-
-
-def combined_evals(stage_records: dict[str, list[dict]], seconds: dict[str, float]) -> list[dict]:
-    """The training stages' evaluations (`stage_records`: each stage's evals.jsonl records, in stage order)
-    as one run's: iterations counted from the start of stage 1, `total_iters` the three stages' sum,
-    `train_seconds` summed over the training stages before, `wall_seconds` counted from the start of
-    stage 1, with every stage before (pseudo-labelling and ranking too) at its duration in `seconds`.
-    Keys a stage's records lack stay out. Only the last stage's network is the run's result: only its
-    records are `deploy` candidates."""
-    total = sum(records[-1]["total_iters"] for records in stage_records.values())
-    iterations, train_seconds, combined = 0, 0.0, []
-    for stage, records in stage_records.items():
-        wall_before = sum(seconds.get(earlier, 0.0) for earlier in STAGES[: STAGES.index(stage)])
-        for record in records:
-            row = {**record, "iteration": iterations + record["iteration"], "total_iters": total}
-            row.update(network=f"{stage}/{record['network']}", stage=stage)
-            row["deploy"] = stage == TRAINING_STAGES[-1] and record.get("deploy", True)
-            if "train_seconds" in record:
-                row["train_seconds"] = train_seconds + record["train_seconds"]
-            if "wall_seconds" in record:
-                row["wall_seconds"] = wall_before + record["wall_seconds"]
-            combined.append(row)
-        iterations += records[-1]["total_iters"]
-        train_seconds += records[-1].get("train_seconds", 0.0)
-    return combined
-
-
-def combine_stage_evals(root: str, seconds: dict[str, float]) -> str:
-    """root/evals.jsonl from the training stages' own (combined_evals), so that the staged run reads like
-    any other (tools/compare.py); `seconds`: each stage's duration. Returns the path."""
-    stage_records = {}
-    for stage in TRAINING_STAGES:
-        with open(os.path.join(root, stage, "evals.jsonl")) as f:
-            stage_records[stage] = [json.loads(line) for line in f if line.strip()]
-    path = os.path.join(root, "evals.jsonl")
-    lines = combined_evals(stage_records, seconds)
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in lines))
-    return path
-
-
-def measurable_masks(unlabeled: list, root: str) -> dict[str, str | None]:
-    """{image: its mask in the unlabeled split (read_split's entries) or None}, for measuring pseudo-labels
-    only (training never sees these masks). All None, with a warning, when some listed mask is missing."""
-    masks = {image: mask for _, image, mask in unlabeled}
-    missing = [mask for mask in masks.values() if mask and not os.path.isfile(os.path.join(root, mask))]
-    if missing:
-        logger.warning(
-            f"{len(missing)} of the masks the unlabeled split lists are missing (e.g. "
-            f"{os.path.join(root, missing[0])}): the pseudo-labels' quality is not measured"
-        )
-        return dict.fromkeys(masks)
-    return masks
-
-
 class StagedPipeline:
     """The six stages, each skipped when `stages.json` says it finished. `fit()` runs what is left and
     returns the final network's best val mIoU; util.engine.run turns its faults into exit statuses.
 
     A stop signal, whenever it comes, ends the unit of work the pipeline is in (a training step, an
     evaluation, a chunk of pseudo-labels, a chunk of the ranking) and then every rank where they meet
-    (stop_here): what is written is kept and the same command continues from it."""
+    (StageBook.stop_here): what is written is kept and the same command continues from it. The bookkeeping
+    is util.engine.stages.StageBook's, the pseudo-label files util.labelling.PseudoLabeller's."""
 
     def __init__(self, cfg: dict, save_path: str, source: str):
         self.cfg, self.root, self.source = cfg, save_path, source
@@ -440,61 +336,8 @@ class StagedPipeline:
         self.device = self.dist.device
         self.stop = process_stop()
         self.lock = None  # rank 0's lock on save_path/.lock, held until this process ends
-        self.manifest_path = os.path.join(save_path, "stages.json")
-        # Absolute: the label files are opened beside images that are relative to the data root.
-        folder = os.path.abspath(os.path.join(save_path, "pseudo_labels"))
-        self.labels = {name: os.path.join(folder, name) for name in ("stage2", "stage5")}
+        self.book = StageBook(save_path, cfg, self.dist, self.stop)
         self.selection = os.path.join(save_path, "selection")
-
-    # -------------------------------------------------------------- bookkeeping
-    def read_manifest(self) -> dict:
-        """stages.json: the config it was started with, the finished stages' records ("done") and the
-        seconds spent in stages that were stopped before they finished ("spent")."""
-        if not os.path.isfile(self.manifest_path):
-            return {"config": self.cfg, "done": {}, "spent": {}}
-        with open(self.manifest_path) as f:
-            manifest = json.load(f)
-        manifest.setdefault("spent", {})
-        changed = sorted(k for k in self.cfg if manifest["config"].get(k, self.cfg[k]) != self.cfg[k])
-        if changed:
-            logger.warning(
-                f"the config differs from the one {self.manifest_path} was started with, in "
-                f"{', '.join(changed)}: finished stages are kept as they are"
-            )
-        return manifest
-
-    def write_manifest(self) -> None:
-        if self.dist.is_main:
-            write_atomic(self.manifest_path, json.dumps(self.manifest, indent=1))
-
-    def stage(self, name: str, work) -> None:
-        """Run `work()` unless stages.json says stage `name` finished; then record it there (rank 0 writes,
-        atomically, once every rank is through it) with the seconds it took, over the runs it took. `work`
-        returns what to record."""
-        if name in self.manifest["done"]:
-            return
-        self.stop_here(lambda: f"before {name}")
-        started, spent = time.monotonic(), self.manifest["spent"].get(name, 0.0)
-        try:
-            record = work()
-        except StopRequested:
-            self.manifest["spent"][name] = round(spent + time.monotonic() - started, 1)
-            self.write_manifest()
-            raise
-        barrier()
-        record["seconds"] = round(spent + time.monotonic() - started, 1)
-        self.manifest["spent"].pop(name, None)
-        self.manifest["done"][name] = record
-        self.write_manifest()
-        logger.info(f"{name} done: {record}")
-
-    def stop_here(self, where) -> None:
-        """Called by every rank at the same point: stop every rank (StopRequested) when any was asked to.
-        `where()` says where, for the message."""
-        if self.stop.agree(self.device):
-            raise StopRequested(
-                f"stopped by {self.stop.describe()} {where()}; run the same command to continue"
-            )
 
     def stage_config(self, index: int) -> dict:
         """The config of training stage `index` (0, 1, 2 = stages 1, 4, 6): ciscr.stage_epochs[index]
@@ -508,6 +351,10 @@ class StagedPipeline:
     def teacher_path(self, stage: str) -> str:
         name = "best.pth" if self.cfg["ciscr"]["teacher_checkpoint"] == "best" else "latest.pth"
         return os.path.join(self.root, stage, name)
+
+    def teacher(self, stage: str) -> torch.nn.Module:
+        """The network `stage` trained (its teacher_checkpoint), on the device, for inference."""
+        return load_teacher(self.cfg, self.teacher_path(stage)).to(self.device)
 
     # -------------------------------------------------------------- stages
     def train(self, stage: str, method_cls: type, index: int, **context) -> dict:
@@ -531,94 +378,6 @@ class StagedPipeline:
             items=tuple(items), query_lists=query_lists,
         )  # fmt: skip
 
-    def labeled_by(self, stage: str, images: list[str]) -> list[tuple[str, str]]:
-        """(image, its pseudo-label file from `stage`) for each image."""
-        return [(image, label_file(self.labels[stage], image)) for image in images]
-
-    @torch.no_grad()
-    def pseudo_label(self, teacher_stage: str, images: list[str], stage: str) -> dict:
-        """Hard labels of `images` from multi-scale + flip inference by the network of `teacher_stage`, one
-        PNG each in pseudo_labels/<stage>; the ranks share the images; those already labeled (by an
-        interrupted run) are skipped. Their quality is measured where the split lists masks."""
-        cfg, c, folder = self.cfg, self.cfg["ciscr"], self.labels[stage]
-        if self.dist.is_main:
-            for parent, _, names in os.walk(folder):  # temporaries of writes a kill interrupted
-                for name in names:
-                    if ".tmp." in name:
-                        os.remove(os.path.join(parent, name))
-        barrier()
-        model = load_teacher(cfg, self.teacher_path(teacher_stage)).to(self.device)
-        # Each rank labels every world_size-th image, c["label_batch_size"] at a time. A chunk is labeled
-        # whole or again (an interrupted run batches the same images together, so its labels are the same);
-        # chunks whose labels are all on disk are skipped.
-        share = range(self.dist.rank, len(images), self.dist.world_size)
-        size = c["label_batch_size"]
-        todo = [
-            i
-            for start in range(0, len(share), size)
-            if not all(os.path.isfile(label_file(folder, images[j])) for j in share[start : start + size])
-            for i in share[start : start + size]
-        ]
-        logger.info(
-            f"pseudo-labelling {len(todo)} of {len(share)} images with {teacher_stage} (this process)"
-        )
-        dataset = FullImages(cfg["data_root"], [(image, None) for image in images], cfg["nclass"])
-        colours, amp = palette(cfg["dataset"], cfg["nclass"]), amp_dtype(cfg["amp"], self.device)
-        for n, items in enumerate(chunks(dataset, todo, size, cfg["num_workers"])):
-            for batch, _, positions in by_size(items):
-                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                    probs = predict(model, batch.to(self.device), cfg["nclass"], scales=c["tta_scales"],
-                                    flip=c["tta_flip"])  # fmt: skip
-                for label, i in zip(probs.argmax(dim=1).cpu().numpy(), positions):
-                    write_label(label_file(folder, images[i]), label, colours)
-            if (n + 1) % 100 == 0:
-                logger.info(f"  {(n + 1) * size} images labelled by this process")
-            if self.stop.requested:
-                break
-
-        def written() -> str:
-            count = sum(os.path.isfile(label_file(folder, image)) for image in images)
-            return f"in {stage} with {count} of {len(images)} pseudo-labels written"
-
-        self.stop_here(written)
-        missing = [image for image in images if not os.path.isfile(label_file(folder, image))]
-        if missing:
-            raise DataError(f"{len(missing)} pseudo-labels were not written to {folder}, e.g. {missing[0]}")
-        quality = self.label_quality(stage, images, f"{stage}'s pseudo-labels")
-        return {"images": len(images), "quality": quality}
-
-    def label_quality(self, stage: str, images: list[str], what: str) -> dict | None:
-        """`stage`'s pseudo-labels of `images` against the masks the unlabeled split lists for them, as
-        util.pseudo_labels measures any method's (accuracy, mIoU, used), logged as `what`; the ranks share
-        the images. None where the split lists no mask (or pseudo_label_quality is off), or a mask cannot be
-        read (a warning names it: a measurement never stops the run)."""
-        pairs = [(label_file(self.labels[stage], image), self.masks[image]) for image in images]
-        pairs = [(label, mask) for label, mask in pairs if mask is not None]
-        if not pairs:
-            return None
-        nclass, root = self.cfg["nclass"], self.cfg["data_root"]
-        counts, problem = torch.zeros(nclass * nclass + 2, dtype=torch.float64), None
-        for label_path, mask_path in pairs[self.dist.rank :: self.dist.world_size]:
-            if self.stop.requested:
-                break
-            mask_path = os.path.join(root, mask_path)
-            try:
-                label, mask = load_mask(label_path, nclass), load_mask(mask_path, nclass)
-                check_same_size(label.shape[::-1], mask.shape[::-1], label_path, mask_path)
-            except DataError as err:
-                problem = str(err)
-                break
-            label, mask = (torch.from_numpy(m.astype(np.int64)) for m in (label, mask))
-            counts += pseudo_label_counts(label, 1.0, mask, nclass)
-        self.stop_here(lambda: f"in {stage} while measuring the pseudo-labels against the masks")
-        problems = [problem for problem in all_gather([problem]) if problem]
-        if problems:
-            logger.warning(f"{what}: quality not measured: {problems[0]}")
-            return None
-        quality = quality_from_counts(all_reduce_sum(counts.to(self.device)).cpu(), nclass)
-        logger.info(f"{what} against the unlabeled split's masks ({len(pairs)} images): {quality}")
-        return {"images": len(pairs), **asdict(quality)}
-
     @torch.no_grad()
     def select(self, teacher_stage: str, images: list[str]) -> dict:
         """Stage 3: class prototypes from the labeled images' features (M1); each class's query list cut to
@@ -626,7 +385,7 @@ class StagedPipeline:
         pseudo-labels match them, the best ciscr.reliable_fraction reliable. Written to selection/."""
         cfg, c, nclass = self.cfg, self.cfg["ciscr"], self.cfg["nclass"]
 
-        model = load_teacher(cfg, self.teacher_path(teacher_stage)).to(self.device)
+        model = self.teacher(teacher_stage)
         classes = labeled_classes(cfg, self.root)
 
         def features(dataset):
@@ -647,13 +406,13 @@ class StagedPipeline:
         prototypes = torch.zeros(nclass, cfg["head_channels"], device=self.device)
         for feature, label, _ in features(labeled):
             prototypes += class_prototypes(feature, label, nclass)
-        self.stop_here(in_stage3)
+        self.book.stop_here(in_stage3)
         all_reduce_sum(prototypes)
 
         rows = []
         for feature, label, positions in features(labeled):
             rows += zip(positions, class_scores(feature, prototypes, label).tolist())
-        self.stop_here(in_stage3)
+        self.book.stop_here(in_stage3)
         labeled_scores = dict(all_gather(rows))
         keep = c["query_keep_fraction"]
         query_lists = {}
@@ -661,11 +420,11 @@ class StagedPipeline:
             ranked = sorted(members, key=lambda i, cls=cls: (labeled_scores[i][cls], i))
             query_lists[cls] = ranked[: max(1, int(len(members) * keep))]
 
-        pseudo = FullImages(cfg["data_root"], self.labeled_by("stage2", images), nclass)
+        pseudo = FullImages(cfg["data_root"], self.labeller.labeled_by("stage2", images), nclass)
         rows = []
         for feature, label, positions in features(pseudo):
             rows += zip(positions, reliability(class_scores(feature, prototypes, label), label).tolist())
-        self.stop_here(in_stage3)
+        self.book.stop_here(in_stage3)
         score = dict(all_gather(rows))
         order = sorted(range(len(images)), key=lambda i: (score[i], i))
         cut = max(1, int(len(images) * c["reliable_fraction"]))
@@ -681,7 +440,7 @@ class StagedPipeline:
             scores = {images[i]: score[i] for i in order}
             write_atomic(os.path.join(self.selection, "scores.json"), json.dumps(scores, indent=1))
         quality = {
-            name: self.label_quality("stage2", part, f"stage2's pseudo-labels of the {name} images")
+            name: self.labeller.quality("stage2", part, f"stage2's pseudo-labels of the {name} images")
             for name, part in (("reliable", reliable), ("unreliable", unreliable))
         }
         return {"reliable": cut, "unreliable": len(images) - cut, "quality": quality}
@@ -717,11 +476,15 @@ class StagedPipeline:
         check_paths(self.cfg, self.source, need_unlabeled=True)
         unlabeled = read_split(self.cfg["unlabeled_id_path"], need_mask=False)
         self.unlabeled_images = [image for _, image, _ in unlabeled]
-        self.masks = (
+        masks = (
             measurable_masks(unlabeled, self.cfg["data_root"])
             if self.cfg["pseudo_label_quality"]
             else dict.fromkeys(self.unlabeled_images)
         )
+        # Absolute: the label files are opened beside images that are relative to the data root.
+        folder = os.path.abspath(os.path.join(self.root, "pseudo_labels"))
+        folders = {stage: os.path.join(folder, stage) for stage in ("stage2", "stage5")}
+        self.labeller = PseudoLabeller(self.cfg, self.dist, self.stop, self.book.stop_here, folders, masks)
 
     def fit(self) -> float:
         with self.stop.installed():  # a signal from here on stops the pipeline after its unit of work
@@ -730,29 +493,31 @@ class StagedPipeline:
     def _fit(self) -> float:
         self.prepare()
         setup_logging(self.root, self.dist.is_main)
-        self.manifest = self.read_manifest()
-        left = [stage for stage in STAGES if stage not in self.manifest["done"]]
+        self.book.read()
+        left = [stage for stage in STAGES if stage not in self.book.done]
         logger.info(
             f"CISC-R, staged: {'stages to run: ' + ', '.join(left) if left else 'all stages done'}; "
             f"stages 1, 4, 6 train {stage_epochs(self.cfg)} epochs of their own data"
         )
         images = self.unlabeled_images
 
-        self.stage("stage1", lambda: self.train("stage1", CrossImageSupervised, 0))
-        self.stage("stage2", lambda: self.pseudo_label("stage1", images, "stage2"))
-        self.stage("stage3", lambda: self.select("stage1", images))
+        stage, labeller = self.book.run, self.labeller
+        stage("stage1", lambda: self.train("stage1", CrossImageSupervised, 0))
+        stage("stage2", lambda: labeller.write(self.teacher("stage1"), images, "stage2"))
+        stage("stage3", lambda: self.select("stage1", images))
         reliable, unreliable, query_lists = self.read_selection()
-        trained_on = self.labeled_by("stage2", reliable)
-        self.stage("stage4", lambda: self.retrain("stage4", "stage1", 1, trained_on, query_lists))
-        self.stage("stage5", lambda: self.pseudo_label("stage4", unreliable, "stage5"))
-        trained_on += self.labeled_by("stage5", unreliable)
-        self.stage("stage6", lambda: self.retrain("stage6", "stage4", 2, trained_on, query_lists))
+        trained_on = labeller.labeled_by("stage2", reliable)
+        stage("stage4", lambda: self.retrain("stage4", "stage1", 1, trained_on, query_lists))
+        stage("stage5", lambda: labeller.write(self.teacher("stage4"), unreliable, "stage5"))
+        trained_on += labeller.labeled_by("stage5", unreliable)
+        stage("stage6", lambda: self.retrain("stage6", "stage4", 2, trained_on, query_lists))
 
-        done = self.manifest["done"]
+        done = self.book.done
         if self.dist.is_main:  # the result and its evaluations where eval.py and compare.py look
             with open(os.path.join(self.root, "stage6", "best.pth"), "rb") as f:
                 write_atomic(os.path.join(self.root, "best.pth"), f.read())
-            combine_stage_evals(self.root, {stage: done[stage].get("seconds", 0.0) for stage in done})
+            seconds = {stage: done[stage].get("seconds", 0.0) for stage in STAGES}
+            combine_stage_evals(self.root, TRAINING_STAGES, seconds)
         summary = ", ".join(f"{s} {done[s]['best_miou']:.2f}" for s in TRAINING_STAGES)
         seconds = sum(record.get("seconds", 0.0) for record in done.values())
         logger.info(

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 import CISCR  # noqa: E402
 from tests.run_training import first_attempt, sigkill, signal_after_stop, wait_for_signal  # noqa: E402
+from util import labelling  # noqa: E402
 from util.engine import Trainer  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def send(sig: str) -> None:
 
 def after_labels(count: int, action) -> None:
     """Call action() once the process has written its count-th pseudo-label."""
-    write_label, written = CISCR.write_label, [0]
+    write_label, written = labelling.write_label, [0]
 
     def write_then_act(*a, **kw):
         write_label(*a, **kw)
@@ -46,7 +47,7 @@ def after_labels(count: int, action) -> None:
         if written[0] == count:
             action()
 
-    CISCR.write_label = write_then_act
+    labelling.write_label = write_then_act
 
 
 def in_last_evaluation(stage: str, sig: str) -> None:

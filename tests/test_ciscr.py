@@ -21,14 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from CISCR import (
-    CrossImageSupervised,
-    RectifiedSelfTraining,
-    combined_evals,
-    label_file,
-    stage1_epoch,
-    stage_epochs,
-)
+from CISCR import CrossImageSupervised, RectifiedSelfTraining, stage1_epoch, stage_epochs
 from dataset.query import LabeledClasses, PartnerQuery, covering
 from dataset.semi import read_split
 from model import build_model
@@ -38,6 +31,8 @@ from tests.test_training import ROOT, TINY, run, weights
 from tests.test_unimatch_step import make_batch
 from util.config import ConfigError, defaults, load_config
 from util.engine import EXIT_BAD_INPUT, EXIT_REQUEUE
+from util.engine.stages import combined_evals
+from util.labelling import label_file
 from util.losses import cross_entropy
 from util.losses.ciscr import (
     choose_shared_classes,
