@@ -18,13 +18,16 @@ CISC map S. The default, `ciscr.mode: staged`, is the paper's pipeline (ST++'s s
   5 pseudo-label the unreliable images with M2
   6 train M3 on labeled + all unlabeled images the same way, M2 the teacher: its best.pth is the result
 
-`save_path/stage1`, `stage4`, `stage6` are ordinary training folders (resumed like any run),
+Each training stage trains a fresh network for ciscr.stage_epochs (default: epochs) epochs of its own data,
+as released. `save_path/stage1`, `stage4`, `stage6` are ordinary training folders (resumed like any run),
 `pseudo_labels/stage2`, `stage5` hold one PNG per image, `selection/` the ranked lists, `stages.json` the
-stages done, and `evals.jsonl` (written at the end) every training stage's evaluations, counted in
-iterations from the start of stage 1, of which stage 6's score the run (tools/compare.py). Running the
-same command again continues inside the stage that was interrupted; a finished stage is never redone.
-`ciscr.mode: online` instead runs one UniMatch loop in which an EMA teacher's CISC
-map rectifies the unlabeled losses (a variant that is not in the paper; README, docs/DIFFERENCES.md).
+stages done (with their seconds, and the pseudo-labels' quality where the unlabeled split lists masks),
+and `evals.jsonl` (written at the end) every training stage's evaluations, counted in iterations and
+seconds from the start of stage 1, of which stage 6's score the run (tools/compare.py). A stop signal
+ends the pipeline after the unit of work it is in (exit 75); running the same command again continues
+inside the stage that was interrupted; a finished stage is never redone. `ciscr.mode: online` instead runs
+one UniMatch loop in which an EMA teacher's CISC map rectifies the unlabeled losses (a variant that is not
+in the paper; README, docs/DIFFERENCES.md).
 """
 
 import copy
@@ -33,27 +36,25 @@ import logging
 import os
 import sys
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Subset
 
-from dataset.classes import palette
 from dataset.query import FullImages, LabeledClasses, PairedLabeled, PartnerQuery, PseudoLabeled, WithPartner
-from dataset.semi import DataError, SemiDataset, read_split
+from dataset.semi import SemiDataset, read_split
 from model import build_model
 from unimatch import UniMatch, cutmix, trained_on
 from util import checkpoint as ckpt
 from util.config import ConfigError, check_paths, load_config
 from util.data import TrainingData, _mix, train_loader, validation_loader
-from util.dist import all_reduce_sum, barrier, broadcast_object, init_distributed
+from util.dist import all_reduce_sum, broadcast_object, init_distributed
 from util.ema import ema_teacher
 from util.engine import Method, Networks, Trainer, parse_args, prepare_demo_data, run
-from util.engine.device import amp_dtype
 from util.engine.logbook import setup_logging
 from util.engine.run import EXIT_BAD_INPUT, build_trainer
-from util.engine.saving import prepare_save_path
+from util.engine.saving import lock_save_path, prepare_save_path
+from util.engine.stages import StageBook, combine_stage_evals
+from util.engine.stop import process_stop
 from util.files import write_atomic
+from util.labelling import PseudoLabeller, all_gather, by_size, chunks, measurable_masks
 from util.losses import IGNORE
 from util.losses.ciscr import (
     choose_shared_classes,
@@ -67,7 +68,6 @@ from util.losses.ciscr import (
     region_of,
     reliability,
 )
-from util.metrics import predict
 
 logger = logging.getLogger("semiseg")
 
@@ -94,6 +94,15 @@ def partner_query(cfg: dict, classes: LabeledClasses) -> PartnerQuery:
         cfg["data_root"], classes, cfg["nclass"], cfg["crop_size"], c["min_class_area"],
         c["exclude_background"], c["shared_classes"], c["max_recrops"], c["allow_self_pair"],
     )  # fmt: skip
+
+
+# As released, stage 1 trains on the labeled list twice over when it holds fewer images than this.
+SHORT_LABELED_LIST = 200
+
+
+def stage1_epoch(labeled: int) -> int:
+    """Crops in one epoch of stage 1: the labeled list, doubled when it is short (as released)."""
+    return 2 * labeled if labeled < SHORT_LABELED_LIST else labeled
 
 
 def labeled_crops(cfg: dict, nsample: int | None = None) -> SemiDataset:
@@ -135,8 +144,9 @@ class CrossImageSupervised(Method):
     cache_dir: str | None = None  # where the labeled class lists are cached (the pipeline's folder)
 
     def training_data(self, pin_memory: bool, save_path: str | None, worker_init=None) -> Streams:
-        query = partner_query(self.cfg, labeled_classes(self.cfg, self.cache_dir))
-        labeled = PairedLabeled(labeled_crops(self.cfg), query)
+        classes = labeled_classes(self.cfg, self.cache_dir)
+        crops = labeled_crops(self.cfg, nsample=stage1_epoch(len(classes.images)))
+        labeled = PairedLabeled(crops, partner_query(self.cfg, classes))
         return Streams(self.cfg, {"labeled": labeled}, pin_memory, worker_init)
 
     def step(self, batch: dict) -> tuple[dict, dict]:
@@ -300,135 +310,51 @@ class OnlineCISCR(UniMatch):
         self.teacher.update(self.unwrapped("model"))
 
 
-# ------------------------------------------------------------------------------------------- stages 2, 3, 5
-def label_file(folder: str, image: str) -> str:
-    """Where the pseudo-label of `image` (its path in the split file) goes: the same path inside `folder`,
-    with '.png' (an absolute path or '..' cannot lead outside `folder`)."""
-    parts = [p for p in os.path.normpath(image).split(os.sep) if p not in ("", ".", "..")]
-    return os.path.join(folder, os.path.splitext(os.path.join(*parts))[0] + ".png")
-
-
-def write_label(path: str, label: np.ndarray, colours: np.ndarray) -> None:
-    """A paletted PNG of class indices, written atomically (a killed run leaves no half file)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    picture = Image.fromarray(label.astype(np.uint8), mode="P")
-    picture.putpalette(colours.flatten().tolist())
-    write_atomic(path, lambda f: picture.save(f, format="PNG"))
-
-
-def chunks(dataset, positions, size: int, workers: int) -> DataLoader:
-    """The items of `dataset` at `positions`, in order, as lists of `size` (the last may be shorter)."""
-    return DataLoader(
-        Subset(dataset, list(positions)), batch_size=size, collate_fn=list, num_workers=min(workers, 2),
-        generator=torch.Generator(),
-    )  # fmt: skip
-
-
-def by_size(items: list):
-    """(images (B, 3, H, W), labels, positions) for each image size among `items`, a list of (image, label,
-    position): a chunk's images of one size go through the network as one batch."""
-    groups = {}
-    for item in items:
-        groups.setdefault(tuple(item[0].shape[-2:]), []).append(item)
-    for group in groups.values():
-        images, labels, positions = zip(*group)
-        yield torch.stack(images), torch.stack(labels), list(positions)
-
-
-def all_gather(rows: list) -> list:
-    """Every rank's rows, concatenated in rank order (all ranks get all of them)."""
-    if not torch.distributed.is_initialized():
-        return rows
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
-
-
+# ---------------------------------------------------------------------------------------------- stages
+STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
 TRAINING_STAGES = ("stage1", "stage4", "stage6")
 
 
-def combine_stage_evals(root: str) -> str:
-    """root/evals.jsonl from the training stages' own: their evaluations in one list, iterations counted
-    from the start of stage 1 and `total_iters` the three stages' sum, so that the staged run reads like
-    any other (tools/compare.py). Only the last stage's network is the run's result: only its records are
-    `deploy` candidates. Returns the path."""
-    stages = []
-    for stage in TRAINING_STAGES:
-        with open(os.path.join(root, stage, "evals.jsonl")) as f:
-            stages.append([json.loads(line) for line in f if line.strip()])
-    total = sum(records[-1]["total_iters"] for records in stages)
-    offset, lines = 0, []
-    for stage, records in zip(TRAINING_STAGES, stages):
-        for record in records:
-            combined = {**record, "iteration": offset + record["iteration"], "total_iters": total}
-            combined.update(network=f"{stage}/{record['network']}", stage=stage)
-            combined["deploy"] = stage == TRAINING_STAGES[-1] and record.get("deploy", True)
-            lines.append(json.dumps(combined))
-        offset += records[-1]["total_iters"]
-    path = os.path.join(root, "evals.jsonl")
-    write_atomic(path, "\n".join(lines) + "\n")
-    return path
+def stage_epochs(cfg: dict) -> list[int]:
+    """Epochs of stages 1, 4 and 6, each of the stage's own data (stage 1: the labeled list, doubled when
+    short; 4: the reliable images; 6: every unlabeled image): ciscr.stage_epochs, else `epochs` each."""
+    return cfg["ciscr"]["stage_epochs"] or [cfg["epochs"]] * len(TRAINING_STAGES)
 
 
 class StagedPipeline:
     """The six stages, each skipped when `stages.json` says it finished. `fit()` runs what is left and
-    returns the final network's best val mIoU; util.engine.run turns its faults into exit statuses."""
+    returns the final network's best val mIoU; util.engine.run turns its faults into exit statuses.
 
-    STAGES = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
+    A stop signal, whenever it comes, ends the unit of work the pipeline is in (a training step, an
+    evaluation, a chunk of pseudo-labels, a chunk of the ranking) and then every rank where they meet
+    (StageBook.stop_here): what is written is kept and the same command continues from it. The bookkeeping
+    is util.engine.stages.StageBook's, the pseudo-label files util.labelling.PseudoLabeller's."""
 
     def __init__(self, cfg: dict, save_path: str, source: str):
         self.cfg, self.root, self.source = cfg, save_path, source
         self.dist = init_distributed()
         self.device = self.dist.device
-        self.manifest_path = os.path.join(save_path, "stages.json")
-        # Absolute: the label files are opened beside images that are relative to the data root.
-        folder = os.path.abspath(os.path.join(save_path, "pseudo_labels"))
-        self.labels = {name: os.path.join(folder, name) for name in ("stage2", "stage5")}
+        self.stop = process_stop()
+        self.lock = None  # rank 0's lock on save_path/.lock, held until this process ends
+        self.book = StageBook(save_path, cfg, self.dist, self.stop)
         self.selection = os.path.join(save_path, "selection")
 
-    # -------------------------------------------------------------- bookkeeping
-    def read_manifest(self) -> dict:
-        if not os.path.isfile(self.manifest_path):
-            return {"config": self.cfg, "done": {}}
-        with open(self.manifest_path) as f:
-            manifest = json.load(f)
-        changed = sorted(k for k in self.cfg if manifest["config"].get(k, self.cfg[k]) != self.cfg[k])
-        if changed:
-            logger.warning(
-                f"the config differs from the one {self.manifest_path} was started with, in "
-                f"{', '.join(changed)}: finished stages are kept as they are"
-            )
-        return manifest
-
-    def stage(self, name: str, work) -> None:
-        """Run `work()` unless stages.json says stage `name` finished; then record it there (rank 0 writes,
-        atomically, once every rank is through it). `work` returns what to record."""
-        if name in self.manifest["done"]:
-            return
-        record = work()
-        barrier()
-        self.manifest["done"][name] = record
-        if self.dist.is_main:
-            write_atomic(self.manifest_path, json.dumps(self.manifest, indent=1))
-        logger.info(f"{name} done: {record}")
-
     def stage_config(self, index: int) -> dict:
-        """The config of training stage `index` (0, 1, 2 = stages 1, 4, 6). Its length: ciscr.stage_iters,
-        else max_iters, else ciscr.stage_epochs (default: epochs) epochs of the stage's own data."""
+        """The config of training stage `index` (0, 1, 2 = stages 1, 4, 6): ciscr.stage_epochs[index]
+        (default: `epochs`) epochs of the stage's own data, as released. `max_iters`, the single-loop
+        methods' budget, is not read."""
         cfg = copy.deepcopy(self.cfg)
-        c = cfg["ciscr"]
-        if c["stage_iters"] is not None:
-            cfg["max_iters"] = c["stage_iters"][index]
-        elif cfg["max_iters"] is None and c["stage_epochs"] is not None:
-            cfg["epochs"] = c["stage_epochs"][index]
+        cfg["epochs"] = stage_epochs(cfg)[index]
+        cfg["max_iters"] = None
         return cfg
 
     def teacher_path(self, stage: str) -> str:
         name = "best.pth" if self.cfg["ciscr"]["teacher_checkpoint"] == "best" else "latest.pth"
         return os.path.join(self.root, stage, name)
 
-    def unlabeled_images(self) -> list[str]:
-        return [image for _, image, _ in read_split(self.cfg["unlabeled_id_path"], need_mask=False)]
+    def teacher(self, stage: str) -> torch.nn.Module:
+        """The network `stage` trained (its teacher_checkpoint), on the device, for inference."""
+        return load_teacher(self.cfg, self.teacher_path(stage)).to(self.device)
 
     # -------------------------------------------------------------- stages
     def train(self, stage: str, method_cls: type, index: int, **context) -> dict:
@@ -438,8 +364,10 @@ class StagedPipeline:
             trainer = Trainer(bound, self.stage_config(index), os.path.join(self.root, stage), self.source)
         except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
             raise ConfigError(f"{stage}: {err}") from err
-        best = trainer.fit()
-        setup_logging(self.root, self.dist.is_main)
+        try:
+            best = trainer.fit()
+        finally:
+            setup_logging(self.root, self.dist.is_main)
         return {"best_miou": best}
 
     def retrain(self, stage: str, teacher_stage: str, index: int, items: list, query_lists: dict) -> dict:
@@ -450,54 +378,6 @@ class StagedPipeline:
             items=tuple(items), query_lists=query_lists,
         )  # fmt: skip
 
-    def labeled_by(self, stage: str, images: list[str]) -> list[tuple[str, str]]:
-        """(image, its pseudo-label file from `stage`) for each image."""
-        return [(image, label_file(self.labels[stage], image)) for image in images]
-
-    @torch.no_grad()
-    def pseudo_label(self, teacher_stage: str, images: list[str], stage: str) -> dict:
-        """Hard labels of `images` from multi-scale + flip inference by the network of `teacher_stage`, one
-        PNG each in pseudo_labels/<stage>; the ranks share the images; those already labeled (by an
-        interrupted run) are skipped."""
-        cfg, c, folder = self.cfg, self.cfg["ciscr"], self.labels[stage]
-        if self.dist.is_main:
-            for parent, _, names in os.walk(folder):  # temporaries of writes a kill interrupted
-                for name in names:
-                    if ".tmp." in name:
-                        os.remove(os.path.join(parent, name))
-        barrier()
-        model = load_teacher(cfg, self.teacher_path(teacher_stage)).to(self.device)
-        # Each rank labels every world_size-th image, c["label_batch_size"] at a time. A chunk is labeled
-        # whole or again (an interrupted run batches the same images together, so its labels are the same);
-        # chunks whose labels are all on disk are skipped.
-        share = range(self.dist.rank, len(images), self.dist.world_size)
-        size = c["label_batch_size"]
-        todo = [
-            i
-            for start in range(0, len(share), size)
-            if not all(os.path.isfile(label_file(folder, images[j])) for j in share[start : start + size])
-            for i in share[start : start + size]
-        ]
-        logger.info(
-            f"pseudo-labelling {len(todo)} of {len(share)} images with {teacher_stage} (this process)"
-        )
-        dataset = FullImages(cfg["data_root"], [(image, None) for image in images], cfg["nclass"])
-        colours, amp = palette(cfg["dataset"], cfg["nclass"]), amp_dtype(cfg["amp"], self.device)
-        for n, items in enumerate(chunks(dataset, todo, size, cfg["num_workers"])):
-            for batch, _, positions in by_size(items):
-                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                    probs = predict(model, batch.to(self.device), cfg["nclass"], scales=c["tta_scales"],
-                                    flip=c["tta_flip"])  # fmt: skip
-                for label, i in zip(probs.argmax(dim=1).cpu().numpy(), positions):
-                    write_label(label_file(folder, images[i]), label, colours)
-            if (n + 1) % 100 == 0:
-                logger.info(f"  {(n + 1) * size} images labelled by this process")
-        barrier()
-        missing = [image for image in images if not os.path.isfile(label_file(folder, image))]
-        if missing:
-            raise DataError(f"{len(missing)} pseudo-labels were not written to {folder}, e.g. {missing[0]}")
-        return {"images": len(images)}
-
     @torch.no_grad()
     def select(self, teacher_stage: str, images: list[str]) -> dict:
         """Stage 3: class prototypes from the labeled images' features (M1); each class's query list cut to
@@ -505,26 +385,34 @@ class StagedPipeline:
         pseudo-labels match them, the best ciscr.reliable_fraction reliable. Written to selection/."""
         cfg, c, nclass = self.cfg, self.cfg["ciscr"], self.cfg["nclass"]
 
-        model = load_teacher(cfg, self.teacher_path(teacher_stage)).to(self.device)
+        model = self.teacher(teacher_stage)
         classes = labeled_classes(cfg, self.root)
 
         def features(dataset):
-            """(decoder feature, label, positions) of this rank's share (every world_size-th image)."""
+            """(decoder feature, label, positions) of this rank's share (every world_size-th image), until
+            a stop signal comes (then the ranks stop together at the next stop_here)."""
             share = range(self.dist.rank, len(dataset), self.dist.world_size)
             for items in chunks(dataset, share, c["label_batch_size"], cfg["num_workers"]):
                 for images, labels, positions in by_size(items):
                     feature = decoder_output(model, images.to(self.device))[1]
                     yield feature, labels.to(self.device), positions
+                if self.stop.requested:
+                    return
+
+        def in_stage3() -> str:
+            return "in stage3 (its ranking starts over when the same command is run again)"
 
         labeled = FullImages(cfg["data_root"], classes.images, nclass)
         prototypes = torch.zeros(nclass, cfg["head_channels"], device=self.device)
         for feature, label, _ in features(labeled):
             prototypes += class_prototypes(feature, label, nclass)
+        self.book.stop_here(in_stage3)
         all_reduce_sum(prototypes)
 
         rows = []
         for feature, label, positions in features(labeled):
             rows += zip(positions, class_scores(feature, prototypes, label).tolist())
+        self.book.stop_here(in_stage3)
         labeled_scores = dict(all_gather(rows))
         keep = c["query_keep_fraction"]
         query_lists = {}
@@ -532,24 +420,30 @@ class StagedPipeline:
             ranked = sorted(members, key=lambda i, cls=cls: (labeled_scores[i][cls], i))
             query_lists[cls] = ranked[: max(1, int(len(members) * keep))]
 
-        pseudo = FullImages(cfg["data_root"], self.labeled_by("stage2", images), nclass)
+        pseudo = FullImages(cfg["data_root"], self.labeller.labeled_by("stage2", images), nclass)
         rows = []
         for feature, label, positions in features(pseudo):
             rows += zip(positions, reliability(class_scores(feature, prototypes, label), label).tolist())
+        self.book.stop_here(in_stage3)
         score = dict(all_gather(rows))
         order = sorted(range(len(images)), key=lambda i: (score[i], i))
         cut = max(1, int(len(images) * c["reliable_fraction"]))
+        reliable, unreliable = [images[i] for i in order[:cut]], [images[i] for i in order[cut:]]
         if self.dist.is_main:
             os.makedirs(self.selection, exist_ok=True)
-            for name, part in (("reliable.txt", order[:cut]), ("unreliable.txt", order[cut:])):
-                write_atomic(os.path.join(self.selection, name), "".join(f"{images[i]}\n" for i in part))
+            for name, part in (("reliable.txt", reliable), ("unreliable.txt", unreliable)):
+                write_atomic(os.path.join(self.selection, name), "".join(f"{image}\n" for image in part))
             lists = {cls: [classes.images[i][0] for i in members] for cls, members in query_lists.items()}
             write_atomic(
                 os.path.join(self.selection, "query_lists.json"), json.dumps(lists, indent=1, sort_keys=True)
             )
             scores = {images[i]: score[i] for i in order}
             write_atomic(os.path.join(self.selection, "scores.json"), json.dumps(scores, indent=1))
-        return {"reliable": cut, "unreliable": len(images) - cut}
+        quality = {
+            name: self.labeller.quality("stage2", part, f"stage2's pseudo-labels of the {name} images")
+            for name, part in (("reliable", reliable), ("unreliable", unreliable))
+        }
+        return {"reliable": cut, "unreliable": len(images) - cut, "quality": quality}
 
     def read_selection(self) -> tuple[list[str], list[str], dict]:
         """Stage 3's reliable and unreliable images, and its query lists as labeled image positions."""
@@ -566,11 +460,13 @@ class StagedPipeline:
 
     # -------------------------------------------------------------- the pipeline
     def prepare(self) -> None:
-        """The output folder and the demo data (rank 0, the others wait), then the paths the stages read."""
+        """The output folder, locked for the whole pipeline, and the demo data (rank 0, the others wait),
+        then the paths the stages read."""
         error = None
         if self.dist.is_main:
             try:
                 prepare_save_path(self.root)
+                self.lock = lock_save_path(self.root)
                 prepare_demo_data(self.cfg)
             except (ConfigError, OSError, ValueError) as err:
                 error = str(err)
@@ -578,32 +474,56 @@ class StagedPipeline:
         if error:
             raise ConfigError(error)
         check_paths(self.cfg, self.source, need_unlabeled=True)
+        unlabeled = read_split(self.cfg["unlabeled_id_path"], need_mask=False)
+        self.unlabeled_images = [image for _, image, _ in unlabeled]
+        masks = (
+            measurable_masks(unlabeled, self.cfg["data_root"])
+            if self.cfg["pseudo_label_quality"]
+            else dict.fromkeys(self.unlabeled_images)
+        )
+        # Absolute: the label files are opened beside images that are relative to the data root.
+        folder = os.path.abspath(os.path.join(self.root, "pseudo_labels"))
+        folders = {stage: os.path.join(folder, stage) for stage in ("stage2", "stage5")}
+        self.labeller = PseudoLabeller(self.cfg, self.dist, self.stop, self.book.stop_here, folders, masks)
 
     def fit(self) -> float:
+        with self.stop.installed():  # a signal from here on stops the pipeline after its unit of work
+            return self._fit()
+
+    def _fit(self) -> float:
         self.prepare()
         setup_logging(self.root, self.dist.is_main)
-        self.manifest = self.read_manifest()
-        left = [stage for stage in self.STAGES if stage not in self.manifest["done"]]
-        logger.info(f"CISC-R, staged: {'stages to run: ' + ', '.join(left) if left else 'all stages done'}")
-        images = self.unlabeled_images()
+        self.book.read()
+        left = [stage for stage in STAGES if stage not in self.book.done]
+        logger.info(
+            f"CISC-R, staged: {'stages to run: ' + ', '.join(left) if left else 'all stages done'}; "
+            f"stages 1, 4, 6 train {stage_epochs(self.cfg)} epochs of their own data"
+        )
+        images = self.unlabeled_images
 
-        self.stage("stage1", lambda: self.train("stage1", CrossImageSupervised, 0))
-        self.stage("stage2", lambda: self.pseudo_label("stage1", images, "stage2"))
-        self.stage("stage3", lambda: self.select("stage1", images))
+        stage, labeller = self.book.run, self.labeller
+        stage("stage1", lambda: self.train("stage1", CrossImageSupervised, 0))
+        stage("stage2", lambda: labeller.write(self.teacher("stage1"), images, "stage2"))
+        stage("stage3", lambda: self.select("stage1", images))
         reliable, unreliable, query_lists = self.read_selection()
-        trained_on = self.labeled_by("stage2", reliable)
-        self.stage("stage4", lambda: self.retrain("stage4", "stage1", 1, trained_on, query_lists))
-        self.stage("stage5", lambda: self.pseudo_label("stage4", unreliable, "stage5"))
-        trained_on += self.labeled_by("stage5", unreliable)
-        self.stage("stage6", lambda: self.retrain("stage6", "stage4", 2, trained_on, query_lists))
+        trained_on = labeller.labeled_by("stage2", reliable)
+        stage("stage4", lambda: self.retrain("stage4", "stage1", 1, trained_on, query_lists))
+        stage("stage5", lambda: labeller.write(self.teacher("stage4"), unreliable, "stage5"))
+        trained_on += labeller.labeled_by("stage5", unreliable)
+        stage("stage6", lambda: self.retrain("stage6", "stage4", 2, trained_on, query_lists))
 
+        done = self.book.done
         if self.dist.is_main:  # the result and its evaluations where eval.py and compare.py look
             with open(os.path.join(self.root, "stage6", "best.pth"), "rb") as f:
                 write_atomic(os.path.join(self.root, "best.pth"), f.read())
-            combine_stage_evals(self.root)
-        done = self.manifest["done"]
-        summary = ", ".join(f"{s} {done[s]['best_miou']:.2f}" for s in ("stage1", "stage4", "stage6"))
-        logger.info(f"CISC-R done: best val mIoU {summary}; result in {os.path.join(self.root, 'best.pth')}")
+            seconds = {stage: done[stage].get("seconds", 0.0) for stage in STAGES}
+            combine_stage_evals(self.root, TRAINING_STAGES, seconds)
+        summary = ", ".join(f"{s} {done[s]['best_miou']:.2f}" for s in TRAINING_STAGES)
+        seconds = sum(record.get("seconds", 0.0) for record in done.values())
+        logger.info(
+            f"CISC-R done in {seconds:.0f}s: best val mIoU {summary}; result in "
+            f"{os.path.join(self.root, 'best.pth')}"
+        )
         return done["stage6"]["best_miou"]
 
 

@@ -21,6 +21,8 @@ that the library carries no test hooks:
 --signal-in-save K SIG  sends SIG to this process in the middle of its K-th checkpoint write.
 --wait-at N           before iteration N, on rank --wait-rank (default 0), writes the file --ready-file and
                       waits (up to 60 s) until a stop signal has arrived: the test sends it from outside.
+--signal-after-stop SIG  sends SIG to this process once it has said that it stopped (after "stopped by"),
+                      while it exits.
 --dump-weights DIR    writes every rank's final weights to DIR/rank<r>.pt, to compare ranks.
 """
 
@@ -38,6 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from util.engine import build_trainer, run  # noqa: E402
+from util.engine.stop import process_stop  # noqa: E402
+
+engine_run = importlib.import_module("util.engine.run")  # the module (util.engine.run is its function)
 
 
 def first_attempt() -> bool:
@@ -100,13 +105,26 @@ def in_save(count, action):
     torch.save = save
 
 
-def wait_for_signal(trainer, ready_file):
+def wait_for_signal(ready_file):
     """Tell the test that this process is waiting, then wait until the stop signal it sends has arrived."""
     with open(ready_file, "w") as f:
         f.write(str(os.getpid()))
     deadline = time.monotonic() + 60
-    while not trainer.stop.requested and time.monotonic() < deadline:
+    while not process_stop().requested and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def signal_after_stop(sig: str) -> None:
+    """Send SIG to this process in the first cleanup after the run said it stopped, while it exits."""
+    cleanup, sent = engine_run.cleanup, []
+
+    def signal_then_cleanup():
+        if process_stop().requested and not sent:
+            sent.append(sig)
+            os.kill(os.getpid(), getattr(signal, "SIG" + sig))
+        cleanup()
+
+    engine_run.cleanup = signal_then_cleanup
 
 
 def main():
@@ -131,6 +149,7 @@ def main():
     parser.add_argument("--wait-at", type=int)
     parser.add_argument("--wait-rank", type=int, default=0)
     parser.add_argument("--ready-file")
+    parser.add_argument("--signal-after-stop", metavar="SIG")
     parser.add_argument("--dump-weights")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
@@ -151,9 +170,9 @@ def main():
         again = getattr(signal, "SIG" + args.signal_in_save[1])
         in_save(int(args.signal_in_save[0]), lambda: os.kill(os.getpid(), again))
     if args.wait_at is not None and rank == args.wait_rank:
-        before_step(
-            trainer, lambda it: wait_for_signal(trainer, args.ready_file) if it == args.wait_at else None
-        )
+        before_step(trainer, lambda it: wait_for_signal(args.ready_file) if it == args.wait_at else None)
+    if args.signal_after_stop is not None:
+        signal_after_stop(args.signal_after_stop)
     if args.nan_at is not None:
         inject_nan(trainer, args)
     if args.fsize_limit_at is not None:

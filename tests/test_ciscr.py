@@ -1,14 +1,19 @@
 """CISC-R: its building blocks against loop computations of the formulas; the steps of stage 1, stages 4/6
 and the online variant on per-pixel networks against loops, and the online EMA teacher; the labeled-only
 query; the staged pipeline as real processes (all stages in one command, which network teaches and labels
-each stage, SIGKILLs resumed to identical weights, two gloo processes), plus the online variant under two
-processes."""
+each stage, stop signals and SIGKILLs at every kind of moment resumed to identical weights, two gloo
+processes), plus the online variant under two processes."""
 
 import json
 import math
 import os
 import random
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from CISCR import CrossImageSupervised, RectifiedSelfTraining, label_file
+from CISCR import CrossImageSupervised, RectifiedSelfTraining, stage1_epoch, stage_epochs
 from dataset.query import LabeledClasses, PartnerQuery, covering
 from dataset.semi import read_split
 from model import build_model
@@ -25,6 +30,9 @@ from tests.pointwise import PointwiseNet, assert_terms, ce, maps, mean_ce, pixel
 from tests.test_training import ROOT, TINY, run, weights
 from tests.test_unimatch_step import make_batch
 from util.config import ConfigError, defaults, load_config
+from util.engine import EXIT_BAD_INPUT, EXIT_REQUEUE
+from util.engine.stages import combined_evals
+from util.labelling import label_file
 from util.losses import cross_entropy
 from util.losses.ciscr import (
     choose_shared_classes,
@@ -383,8 +391,8 @@ def test_online_teacher_is_an_eval_mode_ema_of_the_student_at_the_configured_dec
 
 # ------------------------------------------------------------------------------ the query (labeled only)
 def demo_data(folder, drop_unlabeled_masks=True):
-    """The tiny demo dataset in `folder`; the unlabeled images' masks are deleted, so that anything that
-    reads one fails."""
+    """The tiny demo dataset in `folder`; the unlabeled images' masks are moved to folder/unlabeled_masks
+    (put_back_unlabeled_masks), so that anything that reads one fails."""
     from dataset.demo import ensure_demo
 
     path = os.path.join(folder, "tiny.yaml")
@@ -394,11 +402,21 @@ def demo_data(folder, drop_unlabeled_masks=True):
     ensure_demo(cfg["data_root"], **cfg["demo"])
     if drop_unlabeled_masks:
         for _, _, mask in read_split(cfg["unlabeled_id_path"], need_mask=True):
-            os.remove(os.path.join(cfg["data_root"], mask))
+            aside = os.path.join(folder, "unlabeled_masks", mask)
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            os.replace(os.path.join(cfg["data_root"], mask), aside)
     return path, cfg
 
 
-CISCR_TINY = "ciscr: {stage_iters: [4, 4, 4], exclude_background: true}\n"
+def put_back_unlabeled_masks(folder, cfg):
+    """The unlabeled masks demo_data moved aside, where the split lists them (to measure pseudo-labels)."""
+    for _, _, mask in read_split(cfg["unlabeled_id_path"], need_mask=True):
+        aside = os.path.join(folder, "unlabeled_masks", mask)
+        if os.path.isfile(aside):
+            shutil.copyfile(aside, os.path.join(cfg["data_root"], mask))
+
+
+CISCR_TINY = "ciscr: {stage_epochs: [1, 1, 1], exclude_background: true}\n"
 
 
 def test_class_lists_hold_only_labeled_images_and_follow_the_split(tmp_path):
@@ -483,11 +501,50 @@ def test_recrop_loop_stops_after_max_recrops(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ configs
+def test_stage_lengths_are_epochs_of_each_stages_own_data_as_released():
+    # VOC: 80 epochs of each stage's data, as released; the staged pipeline does not read max_iters.
+    assert stage_epochs(load_config("configs/pascal.yaml", ["max_iters=100"])) == [80, 80, 80]
+    assert stage_epochs(load_config("configs/cityscapes.yaml")) == [160, 160, 160]
+    # Stage 1's epoch: the labeled list, twice over below 200 images (VOC 1/16: 662 images, as they are).
+    assert [stage1_epoch(n) for n in (12, 199, 200, 662)] == [24, 398, 200, 662]
+
+
+def test_combined_evals_count_iterations_and_seconds_from_the_start_of_the_pipeline():
+    def record(iteration, total, train, wall):
+        return {"iteration": iteration, "network": "model", "total_iters": total, "train_seconds": train,
+                "wall_seconds": wall, "deploy": True}  # fmt: skip
+
+    stages = {
+        "stage1": [record(5, 10, 4.0, 6.0), record(10, 10, 8.0, 12.0)],
+        "stage4": [record(20, 20, 30.0, 40.0)],
+        "stage6": [record(15, 30, 20.0, 25.0), {**record(30, 30, 40.0, 50.0), "wall_seconds": 55.0}],
+    }
+    seconds = {"stage1": 13.0, "stage2": 7.0, "stage3": 2.0, "stage4": 41.0, "stage5": 3.0, "stage6": 56.0}
+    rows = combined_evals(stages, seconds)
+    assert [(r["network"], r["iteration"], r["total_iters"]) for r in rows] == [
+        ("stage1/model", 5, 60), ("stage1/model", 10, 60), ("stage4/model", 30, 60),
+        ("stage6/model", 45, 60), ("stage6/model", 60, 60),
+    ]  # fmt: skip
+    assert [r["train_seconds"] for r in rows] == [4.0, 8.0, 38.0, 58.0, 78.0]
+    # wall: every stage before at its duration (pseudo-labels and ranking included), then the stage's own
+    assert [r["wall_seconds"] for r in rows] == [6.0, 12.0, 22.0 + 40.0, 66.0 + 25.0, 66.0 + 55.0]
+    assert [r["deploy"] for r in rows] == [False, False, False, True, True]
+    # Records from before the engine wrote the seconds are combined without them.
+    bare = {stage: [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
+            for stage, records in stages.items()}  # fmt: skip
+    assert all("train_seconds" not in r and "wall_seconds" not in r for r in combined_evals(bare, seconds))
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
         ("ciscr.mode=offline", "key 'ciscr.mode' must be one of"),
-        ("ciscr.stage_iters=[1,2]", "key 'ciscr.stage_iters' must have 3 items"),
+        ("ciscr.stage_epochs=[1,2]", "key 'ciscr.stage_epochs' must have 3 items"),
+        ("ciscr.stage_epochs=[1,0,1]", "key 'ciscr.stage_epochs'"),
+        (
+            "ciscr.stage_iters=[1,2,3]",
+            "unknown config key 'ciscr.stage_iters' (did you mean 'ciscr.stage_epochs'?)",
+        ),
         ("ciscr.reliable_fraction=0", "key 'ciscr.reliable_fraction' must be > 0"),
         ("ciscr.min_area=0.1", "unknown config key 'ciscr.min_area'"),
     ],
@@ -507,10 +564,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def data(tmp_path_factory):
     """Tiny demo data without the unlabeled masks, and an uninterrupted staged run on it."""
     folder = tmp_path_factory.mktemp("ciscr")
-    config, _ = demo_data(str(folder))
+    config, cfg = demo_data(str(folder))
     straight = folder / "straight"
     log = run([*RUNNER, "--config", config, "--save-path", str(straight)])
-    return {"dir": folder, "config": config, "straight": straight, "log": log}
+    return {"dir": folder, "config": config, "cfg": cfg, "straight": straight, "log": log}
 
 
 def label_files(save):
@@ -519,6 +576,10 @@ def label_files(save):
         base = save / "pseudo_labels" / stage
         found.update({str(p.relative_to(save)): p.read_bytes() for p in sorted(base.rglob("*.png"))})
     return found
+
+
+def stages_done(save) -> list[str]:
+    return list(json.loads((save / "stages.json").read_text())["done"])
 
 
 def labels_by(save, config, stage, images):
@@ -542,13 +603,18 @@ def test_one_command_runs_every_stage(data):
     save = data["straight"]
     manifest = json.loads((save / "stages.json").read_text())
     assert list(manifest["done"]) == ["stage1", "stage2", "stage3", "stage4", "stage5", "stage6"]
+    assert all(record["seconds"] > 0 for record in manifest["done"].values())
     reliable = (save / "selection" / "reliable.txt").read_text().split()
     unreliable = (save / "selection" / "unreliable.txt").read_text().split()
     assert len(reliable) == len(unreliable) == 9  # 18 unlabeled images, half reliable
     labels = label_files(save)
     assert len([p for p in labels if "stage2" in p]) == 18 and len([p for p in labels if "stage5" in p]) == 9
-    for stage in ("stage1", "stage4", "stage6"):
-        assert torch.load(save / stage / "latest.pth", weights_only=True)["iteration"] == 4
+    # One epoch of each stage's own data (batch 2): stage 1 the 6 labeled images twice over (a list
+    # shorter than 200), stage 4 the 9 reliable images, stage 6 all 18 unlabeled images.
+    for stage, iterations in (("stage1", 6), ("stage4", 4), ("stage6", 9)):
+        assert torch.load(save / stage / "latest.pth", weights_only=True)["iteration"] == iterations
+    assert "the pseudo-labels' quality is not measured" in data["log"]  # their masks are missing
+    assert manifest["done"]["stage2"]["quality"] is None
     best = torch.load(save / "best.pth", weights_only=True)
     assert best["miou"] == pytest.approx(manifest["done"]["stage6"]["best_miou"])
     # each retraining stage's frozen teacher: stage 4 learns from M1 (stage 1's best), stage 6 from M2
@@ -571,28 +637,95 @@ def test_one_command_runs_every_stage(data):
 
     records = [json.loads(line) for line in (save / "evals.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["iteration"]) for r in records] == [
-        ("stage1", 3), ("stage1", 4), ("stage4", 7), ("stage4", 8), ("stage6", 11), ("stage6", 12)
+        ("stage1", 3), ("stage1", 6), ("stage4", 9), ("stage4", 10), ("stage6", 13), ("stage6", 16),
+        ("stage6", 19),
     ]  # fmt: skip
-    assert all(r["total_iters"] == 12 and r["deploy"] == (r["stage"] == "stage6") for r in records)
+    assert all(r["total_iters"] == 19 and r["deploy"] == (r["stage"] == "stage6") for r in records)
     run = read_run(Run("CISCR", 0, str(save)), None, 1)
-    assert (run.status, run.iteration, run.final_iteration) == ("finished", 12, 12)
+    assert (run.status, run.iteration, run.final_iteration) == ("finished", 19, 19)
     assert run.best_miou == pytest.approx(manifest["done"]["stage6"]["best_miou"])
 
 
-def test_sigkills_in_pseudo_labelling_and_in_a_later_stage_resume_to_the_same_weights(data):
-    save, straight = data["dir"] / "killed", data["straight"]
-    args = ["--config", data["config"], "--save-path", str(save)]
-    run([*RUNNER, *args, "--kill-after-labels", "5"], expect=-9)
-    manifest = json.loads((save / "stages.json").read_text())
-    assert list(manifest["done"]) == ["stage1"] and len(label_files(save)) == 5
+def start(args, log):
+    """A process in the background, its output going to the file `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        return subprocess.Popen(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for(path, proc, log, timeout=300):
+    """Until `proc` (run with --wait-after-labels/--ready-file) waits for a signal."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the process never got to wait for a signal:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def reference_quality(save, stage, images, cfg):
+    """(accuracy, mIoU) of `stage`'s pseudo-labels of `images` against their masks, pixel by pixel: the
+    share of the masks' pixels labeled right, and the IoU averaged over the classes that occur."""
+    masks = {image: mask for _, image, mask in read_split(cfg["unlabeled_id_path"], need_mask=True)}
+    nclass, hits, labeled = cfg["nclass"], 0, 0
+    intersection, union = [0] * nclass, [0] * nclass
+    for image in images:
+        label = np.array(Image.open(save / "pseudo_labels" / stage / (os.path.splitext(image)[0] + ".png")))
+        mask = np.array(Image.open(os.path.join(cfg["data_root"], masks[image])))
+        for p, t in zip(label.ravel().tolist(), mask.ravel().tolist()):
+            if t == 255:
+                continue
+            labeled += 1
+            hits += p == t
+            intersection[t] += p == t
+            for c in {p, t}:
+                union[c] += 1
+    ious = [i / u for i, u in zip(intersection, union) if u]
+    return 100 * hits / labeled, 100 * sum(ious) / len(ious)
+
+
+def test_stopped_or_killed_anywhere_the_same_command_ends_like_an_uninterrupted_run(data):
+    """A stop signal at any moment (in a training stage's last evaluation, while pseudo-labelling, while
+    ranking) ends the pipeline after that unit of work with exit status 75; a second signal while it exits
+    changes nothing; a second run on the folder is refused while the first is up; SIGKILLs lose only
+    unfinished work. The same command each time, and the run ends with every file of an uninterrupted one."""
+    save, straight, cfg = data["dir"] / "stopped", data["straight"], data["cfg"]
+    args = [*RUNNER, "--config", data["config"], "--save-path", str(save)]
+    put_back_unlabeled_masks(data["dir"], cfg)  # now the pseudo-labels' quality is measured
+
+    # SIGTERM in stage 1's last evaluation: stage 1 ends as usual, and the pipeline stops before stage 2.
+    out = run([*args, "--signal-in-eval", "stage1", "TERM"], expect=EXIT_REQUEUE)
+    assert "SIGTERM: stopping after the current step" in out and "stopped by SIGTERM before stage2" in out
+    assert stages_done(save) == ["stage1"] and not (save / "pseudo_labels").exists()
     stage1_written = (save / "stage1" / "latest.pth").stat().st_mtime_ns
 
-    # Killed again inside the last stage, before its iteration 3 (after the evaluation and save at 3).
-    run([*RUNNER, *args, "--kill-in", "stage6", "--kill-at", "3"], expect=-9)
+    # While it pseudo-labels, a second run on the folder is refused; SIGUSR1 then stops the first after
+    # its chunk of 8 images.
+    ready, log = data["dir"] / "ready", data["dir"] / "first.log"
+    first = start([*args, "--wait-after-labels", "5", "--ready-file", str(ready)], log)
+    wait_for(ready, first, log)
+    out = run(args, expect=EXIT_BAD_INPUT)
+    assert f"save path {save} is in use by another run (host {socket.gethostname()}, PID {first.pid}," in out
+    first.send_signal(signal.SIGUSR1)
+    assert first.wait(timeout=600) == EXIT_REQUEUE, log.read_text()
+    assert "stopped by SIGUSR1 in stage2 with 8 of 18 pseudo-labels written" in log.read_text()
+    assert stages_done(save) == ["stage1"] and len(label_files(save)) == 8
+
+    # SIGKILL after 3 more labels (a chunk half written), then Ctrl-C while ranking and a SIGTERM while it
+    # exits: the chunk is labeled again, stage 3 starts over.
+    run([*args, "--signal-after-labels", "3", "KILL"], expect=-9)
+    assert len(label_files(save)) == 11
+    out = run([*args, "--signal-in-ranking", "INT", "--signal-after-stop", "TERM"], expect=EXIT_REQUEUE)
+    assert "stopped by SIGINT in stage3" in out and "SIGTERM again: ignored" in out
+    assert "KeyboardInterrupt" not in out and "Traceback" not in out
+    assert stages_done(save) == ["stage1", "stage2"] and not (save / "selection").exists()
+
+    # Killed inside the last stage, before its iteration 3 (after the evaluation and save at 3).
+    run([*args, "--kill-in", "stage6", "--kill-at", "3"], expect=-9)
     assert (save / "stage1" / "latest.pth").stat().st_mtime_ns == stage1_written, "stage 1 was redone"
     assert torch.load(save / "stage6" / "latest.pth", weights_only=True)["iteration"] == 3
-    log = run([*RUNNER, *args])
-    assert "stages to run: stage6" in log and "at iteration 3/4" in log
+    log = run(args)
+    assert "stages to run: stage6" in log and "at iteration 3/9" in log
 
     assert label_files(save) == label_files(straight)
     for name in ("reliable.txt", "unreliable.txt", "query_lists.json"):
@@ -601,22 +734,36 @@ def test_sigkills_in_pseudo_labelling_and_in_a_later_stage_resume_to_the_same_we
         a, b = weights(save / stage / "latest.pth"), weights(straight / stage / "latest.pth")
         assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}: resumed weights differ"
 
+    # The pseudo-labels' quality against the masks the unlabeled split lists, measured as they were made.
+    done = json.loads((save / "stages.json").read_text())["done"]
+    reliable = (save / "selection" / "reliable.txt").read_text().split()
+    unreliable = (save / "selection" / "unreliable.txt").read_text().split()
+    measured = [
+        (done["stage2"]["quality"], "stage2", reliable + unreliable),
+        (done["stage3"]["quality"]["reliable"], "stage2", reliable),
+        (done["stage3"]["quality"]["unreliable"], "stage2", unreliable),
+        (done["stage5"]["quality"], "stage5", unreliable),
+    ]
+    for quality, stage, images in measured:
+        accuracy, miou = reference_quality(save, stage, images, cfg)
+        assert (quality["images"], quality["used"]) == (len(images), 100.0)
+        assert quality["accuracy"] == pytest.approx(accuracy) and quality["miou"] == pytest.approx(miou)
 
-def test_two_processes_run_every_stage_with_identical_ranks(data):
+
+def test_two_processes_stop_together_and_run_every_stage_with_identical_ranks(data):
+    """Under torchrun a stop signal to one rank while pseudo-labelling stops both where they meet (the
+    other finishes its share first); the same command then runs every stage with identical ranks."""
     save, dump = data["dir"] / "ddp", data["dir"] / "dump"
     relative = os.path.relpath(save, ROOT)  # relative to the working folder, not to the data root
-    run(
-        [
-            *TORCHRUN,
-            *RUNNER[1:],
-            "--config",
-            data["config"],
-            "--save-path",
-            relative,
-            "--dump-weights",
-            str(dump),
-        ]
-    )
+    command = [*TORCHRUN, *RUNNER[1:], "--config", data["config"], "--save-path", relative,
+               "--dump-weights", str(dump)]  # fmt: skip
+    out = run([*command, "--signal-after-labels", "2", "USR1", "--signal-rank", "1"], expect=1)
+    assert "rank 1: SIGUSR1: stopping after the current step" in out
+    assert "stopped by a signal to another rank in stage2 with 17 of 18 pseudo-labels written" in out
+    assert out.count("exitcode  : 75") == 2  # torchrun's report of each worker
+    assert stages_done(save) == ["stage1"]
+
+    run(command)
     assert len(label_files(save)) == 18 + 9  # the two ranks' shares make up every image
     for stage in ("stage1", "stage4", "stage6"):
         r0, r1 = (torch.load(dump / f"{stage}_rank{r}.pt", weights_only=True) for r in (0, 1))

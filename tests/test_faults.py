@@ -558,14 +558,19 @@ def test_stop_signals_save_and_the_resumed_runs_end_bit_identical(data, referenc
     assert not glob.glob(str(save / "*.tmp.*"))
 
     # Ctrl-C before iteration 2: that step, then the evaluation and save due at iteration 3, then the stop.
-    out = run([*command, "--signal-at", "2", "INT"], expect=EXIT_REQUEUE)
+    # A SIGTERM after it said so (a scheduler's second signal while it exits) leaves its status 75.
+    out = run([*command, "--signal-at", "2", "INT", "--signal-after-stop", "TERM"], expect=EXIT_REQUEUE)
     assert "at iteration 1/6" in out and "stopped by SIGINT after iteration 3/6" in out
     assert "KeyboardInterrupt" not in out and "Traceback" not in out
+    assert out.index("stopped by SIGINT") < out.index("SIGTERM again: ignored")
     assert ckpt.load_training_state(str(save / "latest.pth"))["iteration"] == 3
 
-    # SIGUSR1, with a changed config. Each config that ran is kept, under the iteration it ran up to.
-    out = run([*command, "--signal-at", "4", "USR1", "log_interval=2"], expect=EXIT_REQUEUE)
+    # SIGUSR1, with a changed config. Each config that ran is kept, under the iteration it ran up to. A
+    # Ctrl-C while it exits: no KeyboardInterrupt, status 75.
+    stop_then_ctrl_c = ["--signal-at", "4", "USR1", "--signal-after-stop", "INT", "log_interval=2"]
+    out = run([*command, *stop_then_ctrl_c], expect=EXIT_REQUEUE)
     assert "stopped by SIGUSR1 after iteration 5/6" in out
+    assert "SIGINT again: ignored" in out and "KeyboardInterrupt" not in out and "Traceback" not in out
     assert yaml.safe_load((save / "config.1.yaml").read_text())["num_workers"] == 1
     assert yaml.safe_load((save / "config.3.yaml").read_text())["log_interval"] == 1
     assert yaml.safe_load((save / "config.yaml").read_text())["log_interval"] == 2

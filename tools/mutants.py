@@ -398,8 +398,8 @@ MUTANTS = [
     Mutant(
         "CISC-R: stage 5 labelled by M1",
         "CISCR.py",
-        'self.pseudo_label("stage4", unreliable, "stage5")',
-        'self.pseudo_label("stage1", unreliable, "stage5")',
+        'labeller.write(self.teacher("stage4"), unreliable, "stage5")',
+        'labeller.write(self.teacher("stage1"), unreliable, "stage5")',
         T_CISCR_STAGES,
     ),
     Mutant(

@@ -417,10 +417,13 @@ SCHEMA: dict[str, Any] = {
             str, "best", choices=("best", "latest"), help="each stage's teacher: its best-val or last weights"
         ),
         "stage_epochs": _k(
-            list, None, optional=True, item_type=int, length=3, low=1, help="epochs of stages 1, 4, 6"
-        ),
-        "stage_iters": _k(
-            list, None, optional=True, item_type=int, length=3, low=1, help="iterations of stages 1, 4, 6"
+            list,
+            None,
+            optional=True,
+            item_type=int,
+            length=3,
+            low=1,
+            help="staged: epochs of stages 1, 4, 6, each of the stage's own data (default: epochs for each)",
         ),
         "ema_decay": _k(float, 0.99, low=0.0, high=1.0, help="online: the EMA teacher's decay"),
     },

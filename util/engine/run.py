@@ -3,7 +3,8 @@
 Exit statuses (docs/fault-tolerance.md): 2 a config, data file or checkpoint that cannot be used (named
 in the message); 3 too many non-finite steps in a row; 4 the final checkpoint could not be written; 75 stopped
 by a signal with latest.pth written: run the same command again (a scheduler may requeue the job). Any other
-exception is a bug and keeps its traceback.
+exception is a bug and keeps its traceback. The stop signals are caught from the start of run() to the end of
+the process once a stop is under way, so 75 is final: a second signal while it exits is noted and ignored.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from util import checkpoint as ckpt
 from util.config import ConfigError, load_config
 from util.dist import cleanup
 from util.engine.guard import NonFiniteError
-from util.engine.stop import StopRequested, end_workers
+from util.engine.stop import StopRequested, end_workers, process_stop
 from util.engine.trainer import Trainer
 
 logger = logging.getLogger("semiseg")
@@ -51,9 +52,15 @@ def build_trainer(method_cls, config: str, save_path: str, overrides=()) -> "Tra
 
 
 def run(trainer: "Trainer") -> float:
-    """trainer.fit(), turning the faults it reports into a message and an exit status (see above)."""
+    """trainer.fit(), turning the faults it reports into a message and an exit status (see above). `trainer`
+    is a Trainer or anything with its fit() and dist (CISC-R's staged pipeline)."""
+    stop = process_stop()
+    stop.install()  # a signal from here on stops the run after the unit of work it is in
     try:
-        return trainer.fit()
+        best = trainer.fit()
+        if stop.requested and trainer.dist.is_main:
+            logger.warning(f"{stop.describe()} came during the last unit of work: the run is complete")
+        return best
     except StopRequested as err:
         if trainer.dist.is_main:  # every rank stopped at the same iteration: one message
             logger.warning(str(err))
@@ -75,6 +82,7 @@ def run(trainer: "Trainer") -> float:
     finally:
         cleanup()
         end_workers()
+        stop.restore()  # kept installed when a stop is under way (GracefulStop.restore)
 
 
 def _message(err: Exception) -> str:

@@ -19,7 +19,7 @@ from util.engine.method import Method, Networks
 from util.engine.progress import Progress, RunClock
 from util.engine.rng import seed_everything
 from util.engine.saving import Saver, TrainingState, lock_save_path, prepare_save_path
-from util.engine.stop import GracefulStop, StopRequested, ignore_stop_signals
+from util.engine.stop import StopRequested, ignore_stop_signals, process_stop
 from util.losses import build_labeled_criterion
 
 logger = logging.getLogger("semiseg")
@@ -120,7 +120,7 @@ class Trainer:
         )
         self.saver = Saver(save_path, self.dist.is_main)
         self.logbook = Logbook(cfg, self.saver, self.dist.is_main)
-        self.stop = GracefulStop(f"rank {self.dist.rank}: " if self.dist.distributed else "")
+        self.stop = process_stop()
         self.batchnorm = RankBatchNorm(self.networks, self.device, self.dist.world_size)
         self.evaluator = Evaluator(
             cfg, self.method, self.networks, self.data.val_loader, self.device, self.amp_dtype,
@@ -208,6 +208,7 @@ class Trainer:
 
         total_iters = self.progress.total_iters
         self.stop.install()  # from here on a signal stops after the current step
+        self.stop.agreed = False  # the ranks agree anew in this training's steps
         try:
             self.clock.start()
             self.training_state.resume()
