@@ -652,3 +652,16 @@ def test_iterations_time_and_pseudo_labels_in_the_tables(tmp_path):
     assert number(mean["final_iteration"]) == 6
     sup = next(r for r in rows if (r["row"], r["method"]) == ("run", "supervised"))
     assert sup["wall_seconds"] == sup["pl_stream"] == sup["pl_s_accuracy"] == ""
+
+
+def test_a_stopped_staged_run_names_the_latest_pth_of_the_stage_it_was_in(tmp_path):
+    from tools.compare import newest_latest
+
+    assert newest_latest(str(tmp_path)) is None
+    for n, stage in enumerate(("stage1", "stage4")):  # stage 4 written last
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "latest.pth").write_bytes(b"")
+        os.utime(tmp_path / stage / "latest.pth", (1000 + n, 1000 + n))
+    assert newest_latest(str(tmp_path)) == str(tmp_path / "stage4" / "latest.pth")
+    (tmp_path / "latest.pth").write_bytes(b"")  # a single-loop run's own, newest
+    assert newest_latest(str(tmp_path)) == str(tmp_path / "latest.pth")

@@ -766,6 +766,13 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+def newest_latest(folder: str) -> str | None:
+    """The run's latest.pth most recently written: its own, or (staged CISC-R) the one of the training stage
+    it was in. None when there is none."""
+    found = glob.glob(os.path.join(folder, "latest.pth")) + glob.glob(os.path.join(folder, "*", "latest.pth"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
 def collect_child(child: Child, stop: SignalForwarder, cfg: dict, nproc: int, total: int) -> tuple[Run, bool]:
     """The run of a child that ended, read again from its folder, and whether it failed."""
     child.log.close()
@@ -774,9 +781,10 @@ def collect_child(child: Child, stop: SignalForwarder, cfg: dict, nproc: int, to
     if code == 0:
         return run, False
     if stop.signal is not None:  # stopped by the signal compare passed on, or ended before it could save
-        latest = os.path.join(run.folder, "latest.pth")
-        held = checkpoint_iteration(latest) if os.path.isfile(latest) else None
-        saved = f"latest.pth holds iteration {held}" if held is not None else "no latest.pth"
+        latest = newest_latest(run.folder)
+        held = checkpoint_iteration(latest) if latest else None
+        where = os.path.relpath(latest, run.folder) if latest else ""
+        saved = f"{where} holds iteration {held}" if held is not None else "no latest.pth"
         how = "stopped" if code == EXIT_REQUEUE else f"ended ({describe_exit(code)})"
         run.add_note(f"{how} by {stop.name}; {saved}")
         print(f"{label}: {how} by {stop.name}; {saved}", flush=True)
