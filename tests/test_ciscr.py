@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from dataset.semi import read_split
 from model import build_model
 from tests.conftest import make_method
 from tests.pointwise import PointwiseNet, assert_terms, ce, maps, mean_ce, pixels, vec
+from tests.test_faults import wait_for
 from tests.test_training import ROOT, TINY, run, weights
 from tests.test_unimatch_step import make_batch
 from util.config import ConfigError, defaults, load_config
@@ -651,16 +651,6 @@ def start(args, log):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         return subprocess.Popen(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def wait_for(path, proc, log, timeout=300):
-    """Until `proc` (run with --wait-after-labels/--ready-file) waits for a signal."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"the process never got to wait for a signal:\n{log.read_text()}")
-        time.sleep(0.05)
 
 
 def reference_quality(save, stage, images, cfg):

@@ -527,7 +527,7 @@ def start(args, log):
 
 
 def wait_for(path, proc, log, timeout=300):
-    """Until `proc` (run with --wait-at/--ready-file) waits for a signal."""
+    """Until `proc` (run with --wait-at, --wait-after-labels or --ready-file) waits for a signal."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
