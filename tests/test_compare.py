@@ -1,11 +1,11 @@
 """tools/compare.py: tables from run folders (fabricated evals.jsonl), and the train/skip/resume loop."""
 
 import csv
-import fcntl
 import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -509,19 +509,32 @@ def test_jobs_fill_free_slots_seed_by_seed(fake, monkeypatch, capsys):
 
 def test_a_run_folder_in_use_is_not_started_again(fake, capsys):
     """A training process left running on a run folder (another compare's, one started by hand): compare
-    names it instead of starting a second run there that would fail on its lock."""
+    names it instead of starting a second run there that would fail on its lock. The lock is taken as
+    the engine takes it, in a process of its own; once that process is gone, its .lock file blocks nothing."""
     root = fake["root"]
     folder = root / "base" / "seed0"
     folder.mkdir(parents=True)
-    with open(folder / ".lock", "w") as lock:
-        lock.write("host elsewhere, PID 4242, since today\n")
-        lock.flush()
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    command = ["--config", fake["config"], "--methods", fake["scripts"]["base"], "--seeds", "0",
+               "--save-root", str(root), "max_iters=6"]  # fmt: skip
+    hold = (
+        "import sys; from util.lock import lock; held = lock(sys.argv[1]); print('held', flush=True); input()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / ".lock")], cwd=compare.ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
         with pytest.raises(SystemExit) as info:
-            compare.main(["--config", fake["config"], "--methods", fake["scripts"]["base"], "--seeds", "0",
-                          "--save-root", str(root), "max_iters=6"])  # fmt: skip
+            compare.main(command)
+    finally:
+        holder.communicate("\n", timeout=60)
     assert info.value.code == 1 and calls(fake) == []
-    assert "in use by another process (host elsewhere, PID 4242" in capsys.readouterr().out
+    assert (
+        f"in use by another process (host {socket.gethostname()}, PID {holder.pid},"
+        in capsys.readouterr().out
+    )
+
+    compare.main(command)  # its holder gone, the same command trains the run
+    assert [os.path.relpath(c[1], root) for c in calls(fake)] == ["base/seed0"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ Exit statuses: 0 every run finished; 1 a run failed; 2 bad input, a changed conf
 import argparse
 import csv
 import ctypes
-import fcntl
 import glob
 import json
 import math
@@ -69,6 +68,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.classes import dataset_classes  # noqa: E402
+from util import lock  # noqa: E402
 from util.config import ConfigError, defaults, load_config  # noqa: E402
 
 EVALS = "evals.jsonl"
@@ -602,20 +602,9 @@ def check_reuse(jobs: list[Job]) -> dict[str, list[str]]:
 def lock_holder(folder: str) -> str | None:
     """Who holds a run folder's lock (or a stage folder's, for staged CISC-R), or None: a training process
     that another compare left behind, or one launched by hand. Its .lock file names it."""
-    for path in glob.glob(os.path.join(glob.escape(folder), ".lock")) + glob.glob(
-        os.path.join(glob.escape(folder), "*", ".lock")
-    ):
-        try:
-            with open(path) as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return f.read().strip() or "a process that has not written its name yet"
-                except OSError:
-                    continue  # a filesystem without flock: the engine warns about it itself
-        except OSError:
-            continue
-    return None
+    paths = glob.glob(os.path.join(glob.escape(folder), ".lock"))
+    paths += glob.glob(os.path.join(glob.escape(folder), "*", ".lock"))
+    return next((name for name in map(lock.holder, paths) if name is not None), None)
 
 
 def _load_prctl():

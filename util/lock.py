@@ -45,3 +45,23 @@ def lock(path: str, wait: bool = False) -> TextIO:
     f.write(f"host {socket.gethostname()}, PID {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     return f
+
+
+def holder(path: str) -> str | None:
+    """What the process holding the lock on `path` wrote in it (its host and PID), or None when no process
+    holds it (or the file is gone, or the filesystem has no locks).
+
+    It probes with a lock of its own, dropped at once: a lock this process holds itself never shows here,
+    and probing it would drop it (see above), so call it only on other processes' locks.
+    """
+    try:
+        f = open(path, "r+")
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                return f.read().strip() or "a process that has not written its name yet"
+        return None
