@@ -35,10 +35,10 @@ def lock(path: str, wait: bool = False) -> TextIO:
         fcntl.lockf(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         f.seek(0)
-        holder = f.read().strip() or "a process that has not written its name yet"
+        name = written_name(f)
         f.close()
         if err.errno in (errno.EACCES, errno.EAGAIN):
-            raise LockHeld(path, holder) from None
+            raise LockHeld(path, name) from None
         raise
     f.seek(0)
     f.truncate()
@@ -63,5 +63,10 @@ def holder(path: str) -> str | None:
             fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EACCES, errno.EAGAIN):
-                return f.read().strip() or "a process that has not written its name yet"
+                return written_name(f)
         return None
+
+
+def written_name(f: TextIO) -> str:
+    """What the holder of a lock file wrote in it (read from the current position)."""
+    return f.read().strip() or "a process that has not written its name yet"
