@@ -155,9 +155,10 @@ def check_marker(root, wanted):
         return False
     if found == wanted:
         return True
-    differ = sorted(k for k in wanted if found.get(k) != wanted[k])
-    made = ", ".join(f"{k}={found.get(k)}" for k in differ)
-    asked = ", ".join(f"{k}={wanted[k]}" for k in differ)
+    # Both key sets: a marker written by another version of the generator may have keys this one lacks.
+    differ = sorted(k for k in wanted.keys() | found.keys() if found.get(k) != wanted.get(k))
+    made = ", ".join(f"{k}={found.get(k, '(none)')}" for k in differ)
+    asked = ", ".join(f"{k}={wanted.get(k, '(none)')}" for k in differ)
     raise ValueError(
         f"{root} holds a demo dataset made with {made}; the config asks for {asked}. It is not "
         "overwritten: set data_root to another folder, use the parameters it was made with, or delete it "

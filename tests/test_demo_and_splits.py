@@ -1,5 +1,6 @@
 """The synthetic demo dataset and the split writer."""
 
+import json
 import os
 import signal
 import socket
@@ -160,6 +161,11 @@ def test_ensure_demo_marker(tmp_path):
         ensure_demo(root, **{**small, "num_train": 8})
     assert open(os.path.join(root, ".complete")).read() == marker
     assert len(read_lines(os.path.join(root, "splits", "unlabeled.txt"))) == 5
+    # A marker from another version of the generator, with a parameter this one does not have: named.
+    with open(os.path.join(root, ".complete"), "w") as f:
+        f.write(json.dumps({**json.loads(marker), "lighting": 0.5}))
+    with pytest.raises(ValueError, match=r"made with lighting=0.5; the config asks for lighting=\(none\)"):
+        ensure_demo(root, **small)
     with pytest.raises(ValueError, match="no complete demo dataset"):
         ensure_demo(str(tmp_path / "absent"), generate=False, **small)
     assert not os.path.exists(tmp_path / "absent")
