@@ -517,7 +517,10 @@ class StagedPipeline:
             with open(os.path.join(self.root, "stage6", "best.pth"), "rb") as f:
                 write_atomic(os.path.join(self.root, "best.pth"), f.read())
             seconds = {stage: done[stage].get("seconds", 0.0) for stage in STAGES}
-            combine_stage_evals(self.root, TRAINING_STAGES, seconds)
+            # Each retraining stage's newest written pseudo-labels, as a single run's records carry theirs.
+            written = {"stage4": done["stage2"].get("quality"), "stage6": done["stage5"].get("quality")}
+            pseudo_labels = {stage: {"written": quality} for stage, quality in written.items() if quality}
+            combine_stage_evals(self.root, TRAINING_STAGES, seconds, pseudo_labels)
         summary = ", ".join(f"{s} {done[s]['best_miou']:.2f}" for s in TRAINING_STAGES)
         seconds = sum(record.get("seconds", 0.0) for record in done.values())
         logger.info(

@@ -533,6 +533,17 @@ def test_combined_evals_count_iterations_and_seconds_from_the_start_of_the_pipel
     bare = {stage: [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
             for stage, records in stages.items()}  # fmt: skip
     assert all("train_seconds" not in r and "wall_seconds" not in r for r in combined_evals(bare, seconds))
+    # The written pseudo-labels a stage trains on reach its records (stage 1 trains on none), as a single
+    # run's records carry theirs; a record with its own keeps them.
+    stage2, stage5 = (
+        {"accuracy": 68.2, "miou": 26.2, "used": 100.0},
+        {"accuracy": 66.8, "miou": 23.7, "used": 100.0},
+    )
+    stages["stage6"][0]["pseudo_labels"] = {"s": {"accuracy": 90.0}}
+    rows = combined_evals(stages, seconds, {"stage4": {"written": stage2}, "stage6": {"written": stage5}})
+    assert [r.get("pseudo_labels") for r in rows] == [
+        None, None, {"written": stage2}, {"s": {"accuracy": 90.0}}, {"written": stage5}
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -641,6 +652,7 @@ def test_one_command_runs_every_stage(data):
         ("stage6", 19),
     ]  # fmt: skip
     assert all(r["total_iters"] == 19 and r["deploy"] == (r["stage"] == "stage6") for r in records)
+    assert not any("pseudo_labels" in r for r in records)  # no masks, no quality: nothing to report
     run = read_run(Run("CISCR", 0, str(save)), None, 1)
     assert (run.status, run.iteration, run.final_iteration) == ("finished", 19, 19)
     assert run.best_miou == pytest.approx(manifest["done"]["stage6"]["best_miou"])

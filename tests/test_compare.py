@@ -667,37 +667,6 @@ def test_iterations_time_and_pseudo_labels_in_the_tables(tmp_path):
     assert sup["wall_seconds"] == sup["pl_stream"] == sup["pl_s_accuracy"] == ""
 
 
-def test_staged_ciscr_pseudo_labels_come_from_its_stages_json(tmp_path):
-    root = tmp_path / "cmp"
-    cfg = yaml.safe_load(CONFIG.format(root=tmp_path))
-    quality = {
-        "stage2": {"images": 4, "accuracy": 68.16, "miou": 26.2, "used": 100.0},
-        "stage5": {"images": 2, "accuracy": 66.76, "miou": 23.7, "used": 100.0},
-    }
-    for seed, stages in enumerate([("stage2", "stage5"), ("stage2",)]):  # seed 1: stopped before stage 5
-        folder = root / "CISCR" / f"seed{seed}"
-        write_run(folder, [(6, "model", 30.0 + seed, [1, 2, 3], 0.5)], cfg)
-        done = {stage: {"quality": quality[stage], "seconds": 1.0} for stage in stages}
-        (folder / "stages.json").write_text(json.dumps({"config": cfg, "done": done, "spent": {}}))
-    write_run(root / "supervised" / "seed0", [(6, "model", 30.0, [1, 1, 1], 0.5)], cfg)
-    (root / "supervised" / "seed0" / "stages.json").write_text("not json")  # not a staged run's: ignored
-
-    compare.main(["--collect", "--save-root", str(root), "--methods", "supervised", "CISCR"])
-    md = (root / "results.md").read_text()
-    assert (
-        "| CISCR | 0 | finished | 6 / 6 | 30.00 (6) | 30.00 | – | 0.500 | 68.2 → 66.8 | 100.0 → 100.0 |" in md
-    )
-    assert (
-        "| CISCR | 1 | finished | 6 / 6 | 31.00 (6) | 31.00 | – | 0.500 | 68.2 → 68.2 | 100.0 → 100.0 |" in md
-    )
-    assert "| 0.500 | 68.2 → 67.5 | 100.0 → 100.0 |" in md  # the method's row: the means
-    rows = read_csv(root / "results.csv")
-    run = next(r for r in rows if (r["row"], r["method"], r["seed"]) == ("run", "CISCR", "0"))
-    assert (run["pl_stream"], number(run["pl_written_miou"])) == ("written", 23.7)
-    sup = next(r for r in rows if (r["row"], r["method"]) == ("run", "supervised"))
-    assert sup["pl_stream"] == ""
-
-
 def test_a_stopped_staged_run_names_the_latest_pth_of_the_stage_it_was_in(tmp_path):
     from tools.compare import newest_latest
 

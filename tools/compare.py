@@ -38,8 +38,7 @@ A run is finished when its last evaluation is at its final iteration and its che
 and latest.pth at the final iteration where there is a latest.pth (a run whose last save failed, exit 4, is
 not). `ROOT/results.md` and `ROOT/results.csv` give, per run, the best and final validation mIoU, the
 per-class IoU at the best evaluation, the iterations, the wall-clock time, the training seconds per
-iteration and, where the unlabeled images have masks, the pseudo-labels' accuracy and used share (a
-staged CISC-R run's from its stages.json); per
+iteration and, where the unlabeled images have masks, the pseudo-labels' accuracy and used share; per
 method the mean (± sample standard deviation) over its finished runs and the difference to the first method.
 
 Exit statuses: 0 every run finished; 1 a run failed; 2 bad input, a changed config or nothing to collect
@@ -279,22 +278,6 @@ def checkpoint_problem(folder: str, final_iteration: int) -> str | None:
     return None
 
 
-def written_pseudo_labels(folder: str) -> tuple[dict, dict]:
-    """A staged CISC-R run's pseudo-labels, as its stages.json records their quality: first those stage 2
-    writes for every unlabeled image, last those stage 5 writes again for the unreliable half (stage 2's
-    while stage 5 has not run); stream "written". Two empty dicts for any other run."""
-    try:
-        with open(os.path.join(folder, "stages.json")) as f:
-            done = json.load(f)["done"]
-        written = [done[stage]["quality"] for stage in ("stage2", "stage5") if stage in done]
-    except (OSError, ValueError, KeyError, TypeError):  # no stages.json, or not one a staged run wrote
-        return {}, {}
-    measured = [read_pseudo_labels({"written": quality}) for quality in written]
-    if not measured or not measured[0]:
-        return {}, {}
-    return measured[0], measured[-1] or measured[0]
-
-
 def read_run(run: Run, cfg: dict | None, world_size: int) -> Run:
     """Fill `run` from its folder's evals.jsonl; `cfg` gives the planned length when the file does not."""
     path = os.path.join(run.folder, EVALS)
@@ -308,8 +291,6 @@ def read_run(run: Run, cfg: dict | None, world_size: int) -> Run:
     if pseudo:
         run.pseudo_first = read_pseudo_labels(pseudo[min(pseudo)])
         run.pseudo_last = read_pseudo_labels(pseudo[max(pseudo)])
-    else:
-        run.pseudo_first, run.pseudo_last = written_pseudo_labels(run.folder)
     # Only the networks that can be deployed score a run, when the engine says which those are.
     records = [r for r in records if r.get("deploy", True)]
     if not records:

@@ -82,13 +82,19 @@ class StageBook:
             )
 
 
-def combined_evals(stage_records: dict[str, list[dict]], seconds: dict[str, float]) -> list[dict]:
+def combined_evals(
+    stage_records: dict[str, list[dict]],
+    seconds: dict[str, float],
+    pseudo_labels: dict[str, dict] | None = None,
+) -> list[dict]:
     """The training stages' evaluations (`stage_records`: each training stage's evals.jsonl records, in stage
     order) as one run's: iterations counted from the start of the first, `total_iters` their sum,
     `train_seconds` summed over the training stages before, `wall_seconds` counted from the start of the
     pipeline with every stage before (the ones that do not train too) at its duration in `seconds` (every
     stage, in pipeline order). Keys a stage's records lack stay out. Only the last training stage's network
-    is the run's result: only its records are `deploy` candidates."""
+    is the run's result: only its records are `deploy` candidates. `pseudo_labels`: {training stage:
+    {stream: quality}} of the written pseudo-labels a stage trains on, its records' `pseudo_labels` (as a
+    single run's records carry what its unlabeled losses trained on) unless they have their own."""
     order, last = list(seconds), list(stage_records)[-1]
     total = sum(records[-1]["total_iters"] for records in stage_records.values())
     iterations, train_seconds, combined = 0, 0.0, []
@@ -98,6 +104,8 @@ def combined_evals(stage_records: dict[str, list[dict]], seconds: dict[str, floa
             row = {**record, "iteration": iterations + record["iteration"], "total_iters": total}
             row.update(network=f"{stage}/{record['network']}", stage=stage)
             row["deploy"] = stage == last and record.get("deploy", True)
+            if (pseudo_labels or {}).get(stage) and "pseudo_labels" not in record:
+                row["pseudo_labels"] = pseudo_labels[stage]
             if "train_seconds" in record:
                 row["train_seconds"] = train_seconds + record["train_seconds"]
             if "wall_seconds" in record:
@@ -108,13 +116,20 @@ def combined_evals(stage_records: dict[str, list[dict]], seconds: dict[str, floa
     return combined
 
 
-def combine_stage_evals(root: str, training_stages: list[str], seconds: dict[str, float]) -> str:
+def combine_stage_evals(
+    root: str,
+    training_stages: list[str],
+    seconds: dict[str, float],
+    pseudo_labels: dict[str, dict] | None = None,
+) -> str:
     """root/evals.jsonl from the training stages' own (combined_evals); `seconds`: every stage's duration, in
-    pipeline order. Returns the path."""
+    pipeline order; `pseudo_labels` as combined_evals takes them. Returns the path."""
     stage_records = {}
     for stage in training_stages:
         with open(os.path.join(root, stage, "evals.jsonl")) as f:
             stage_records[stage] = [json.loads(line) for line in f if line.strip()]
     path = os.path.join(root, "evals.jsonl")
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in combined_evals(stage_records, seconds)))
+    write_atomic(
+        path, "".join(json.dumps(row) + "\n" for row in combined_evals(stage_records, seconds, pseudo_labels))
+    )
     return path
