@@ -95,7 +95,7 @@ def combined_evals(
     is the run's result: only its records are `deploy` candidates. `pseudo_labels`: {training stage:
     {stream: quality}} of the written pseudo-labels a stage trains on, its records' `pseudo_labels` (as a
     single run's records carry what its unlabeled losses trained on) unless they have their own."""
-    order, last = list(seconds), list(stage_records)[-1]
+    order, last, pseudo_labels = list(seconds), list(stage_records)[-1], pseudo_labels or {}
     total = sum(records[-1]["total_iters"] for records in stage_records.values())
     iterations, train_seconds, combined = 0, 0.0, []
     for stage, records in stage_records.items():
@@ -104,7 +104,7 @@ def combined_evals(
             row = {**record, "iteration": iterations + record["iteration"], "total_iters": total}
             row.update(network=f"{stage}/{record['network']}", stage=stage)
             row["deploy"] = stage == last and record.get("deploy", True)
-            if (pseudo_labels or {}).get(stage) and "pseudo_labels" not in record:
+            if pseudo_labels.get(stage) and "pseudo_labels" not in record:
                 row["pseudo_labels"] = pseudo_labels[stage]
             if "train_seconds" in record:
                 row["train_seconds"] = train_seconds + record["train_seconds"]
