@@ -19,15 +19,15 @@ CISC map S. The default, `ciscr.mode: staged`, is the paper's pipeline (ST++'s s
   6 train M3 on labeled + all unlabeled images the same way, M2 the teacher: its best.pth is the result
 
 Each training stage trains a fresh network for ciscr.stage_epochs (default: epochs) epochs of its own data,
-as released. `save_path/stage1`, `stage4`, `stage6` are ordinary training folders (resumed like any run),
-`pseudo_labels/stage2`, `stage5` hold one PNG per image, `selection/` the ranked lists, `stages.json` the
-stages done (with their seconds, and the pseudo-labels' quality where the unlabeled split lists masks),
-and `evals.jsonl` (written at the end) every training stage's evaluations, counted in iterations and
-seconds from the start of stage 1, of which stage 6's score the run (tools/compare.py). A stop signal
-ends the pipeline after the unit of work it is in (exit 75); running the same command again continues
-inside the stage that was interrupted; a finished stage is never redone. `ciscr.mode: online` instead runs
-one UniMatch loop in which an EMA teacher's CISC map rectifies the unlabeled losses (a variant that is not
-in the paper; README, docs/DIFFERENCES.md).
+as released, at ciscr.stage_lr (default: lr). `save_path/stage1`, `stage4`, `stage6` are ordinary training
+folders (resumed like any run), `pseudo_labels/stage2`, `stage5` hold one PNG per image, `selection/` the
+ranked lists, `stages.json` the stages done (with their seconds, and the pseudo-labels' quality where the
+unlabeled split lists masks), and `evals.jsonl` (written at the end) every training stage's evaluations,
+counted in iterations and seconds from the start of stage 1, of which stage 6's score the run
+(tools/compare.py). A stop signal ends the pipeline after the unit of work it is in (exit 75); running the
+same command again continues inside the stage that was interrupted; a finished stage is never redone.
+`ciscr.mode: online` instead runs one UniMatch loop in which an EMA teacher's CISC map rectifies the
+unlabeled losses (a variant that is not in the paper; README, docs/DIFFERENCES.md).
 """
 
 import copy
@@ -321,6 +321,17 @@ def stage_epochs(cfg: dict) -> list[int]:
     return cfg["ciscr"]["stage_epochs"] or [cfg["epochs"]] * len(TRAINING_STAGES)
 
 
+def stage_config(cfg: dict, index: int) -> dict:
+    """The config of training stage `index` (0, 1, 2 = stages 1, 4, 6): ciscr.stage_epochs[index]
+    (default: `epochs`) epochs of the stage's own data, as released, at ciscr.stage_lr[index] (default:
+    `lr`). `max_iters`, the single-loop methods' budget, is not read."""
+    cfg = copy.deepcopy(cfg)
+    cfg["epochs"] = stage_epochs(cfg)[index]
+    cfg["lr"] = (cfg["ciscr"]["stage_lr"] or [cfg["lr"]] * len(TRAINING_STAGES))[index]
+    cfg["max_iters"] = None
+    return cfg
+
+
 class StagedPipeline:
     """The six stages, each skipped when `stages.json` says it finished. `fit()` runs what is left and
     returns the final network's best val mIoU; util.engine.run turns its faults into exit statuses.
@@ -339,15 +350,6 @@ class StagedPipeline:
         self.book = StageBook(save_path, cfg, self.dist, self.stop)
         self.selection = os.path.join(save_path, "selection")
 
-    def stage_config(self, index: int) -> dict:
-        """The config of training stage `index` (0, 1, 2 = stages 1, 4, 6): ciscr.stage_epochs[index]
-        (default: `epochs`) epochs of the stage's own data, as released. `max_iters`, the single-loop
-        methods' budget, is not read."""
-        cfg = copy.deepcopy(self.cfg)
-        cfg["epochs"] = stage_epochs(cfg)[index]
-        cfg["max_iters"] = None
-        return cfg
-
     def teacher_path(self, stage: str) -> str:
         name = "best.pth" if self.cfg["ciscr"]["teacher_checkpoint"] == "best" else "latest.pth"
         return os.path.join(self.root, stage, name)
@@ -361,7 +363,9 @@ class StagedPipeline:
         """A training stage: an ordinary Trainer in save_path/<stage>, which resumes from its latest.pth."""
         bound = type(method_cls.__name__, (method_cls,), {"cache_dir": self.root, **context})
         try:
-            trainer = Trainer(bound, self.stage_config(index), os.path.join(self.root, stage), self.source)
+            trainer = Trainer(
+                bound, stage_config(self.cfg, index), os.path.join(self.root, stage), self.source
+            )
         except (ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
             raise ConfigError(f"{stage}: {err}") from err
         try:
@@ -497,7 +501,8 @@ class StagedPipeline:
         left = [stage for stage in STAGES if stage not in self.book.done]
         logger.info(
             f"CISC-R, staged: {'stages to run: ' + ', '.join(left) if left else 'all stages done'}; "
-            f"stages 1, 4, 6 train {stage_epochs(self.cfg)} epochs of their own data"
+            f"stages 1, 4, 6 train {stage_epochs(self.cfg)} epochs of their own data at lr "
+            f"{[stage_config(self.cfg, i)['lr'] for i in range(len(TRAINING_STAGES))]}"
         )
         images = self.unlabeled_images
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from CISCR import CrossImageSupervised, RectifiedSelfTraining, stage1_epoch, stage_epochs
+from CISCR import CrossImageSupervised, RectifiedSelfTraining, stage1_epoch, stage_config, stage_epochs
 from dataset.query import LabeledClasses, PartnerQuery, covering
 from dataset.semi import read_split
 from model import build_model
@@ -509,6 +509,17 @@ def test_stage_lengths_are_epochs_of_each_stages_own_data_as_released():
     assert [stage1_epoch(n) for n in (12, 199, 200, 662)] == [24, 398, 200, 662]
 
 
+def test_each_stage_trains_at_its_own_learning_rate():
+    # Default: the config's lr for every stage, as released; stage_lr sets the three.
+    pascal = load_config("configs/pascal.yaml")
+    assert [stage_config(pascal, i)["lr"] for i in range(3)] == [pascal["lr"]] * 3
+    cfg = load_config("configs/pascal.yaml", ["ciscr.stage_lr=[0.0005,0.002,0.003]", "max_iters=100"])
+    stages = [stage_config(cfg, i) for i in range(3)]
+    assert [s["lr"] for s in stages] == [0.0005, 0.002, 0.003]
+    assert [(s["epochs"], s["max_iters"]) for s in stages] == [(80, None)] * 3
+    assert cfg["lr"] == pascal["lr"] and cfg["max_iters"] == 100  # the pipeline's own config is untouched
+
+
 def test_combined_evals_count_iterations_and_seconds_from_the_start_of_the_pipeline():
     def record(iteration, total, train, wall):
         return {"iteration": iteration, "network": "model", "total_iters": total, "train_seconds": train,
@@ -552,9 +563,11 @@ def test_combined_evals_count_iterations_and_seconds_from_the_start_of_the_pipel
         ("ciscr.mode=offline", "key 'ciscr.mode' must be one of"),
         ("ciscr.stage_epochs=[1,2]", "key 'ciscr.stage_epochs' must have 3 items"),
         ("ciscr.stage_epochs=[1,0,1]", "key 'ciscr.stage_epochs'"),
+        ("ciscr.stage_lr=[0.1,0.1]", "key 'ciscr.stage_lr' must have 3 items"),
+        ("ciscr.stage_lr=[0.1,0,0.1]", "key 'ciscr.stage_lr'"),
         (
-            "ciscr.stage_iters=[1,2,3]",
-            "unknown config key 'ciscr.stage_iters' (did you mean 'ciscr.stage_epochs'?)",
+            "ciscr.stage_epoch=[1,2,3]",
+            "unknown config key 'ciscr.stage_epoch' (did you mean 'ciscr.stage_epochs'?)",
         ),
         ("ciscr.reliable_fraction=0", "key 'ciscr.reliable_fraction' must be > 0"),
         ("ciscr.min_area=0.1", "unknown config key 'ciscr.min_area'"),

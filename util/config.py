@@ -425,6 +425,15 @@ SCHEMA: dict[str, Any] = {
             low=1,
             help="staged: epochs of stages 1, 4, 6, each of the stage's own data (default: epochs for each)",
         ),
+        "stage_lr": _k(
+            list,
+            None,
+            optional=True,
+            item_type=float,
+            length=3,
+            above=0.0,
+            help="staged: learning rates of stages 1, 4, 6 (default: lr for each)",
+        ),
         "ema_decay": _k(float, 0.99, low=0.0, high=1.0, help="online: the EMA teacher's decay"),
     },
 }
