@@ -321,13 +321,18 @@ def stage_epochs(cfg: dict) -> list[int]:
     return cfg["ciscr"]["stage_epochs"] or [cfg["epochs"]] * len(TRAINING_STAGES)
 
 
+def stage_lrs(cfg: dict) -> list[float]:
+    """Learning rates of stages 1, 4 and 6: ciscr.stage_lr, else `lr` each (as released)."""
+    return cfg["ciscr"]["stage_lr"] or [cfg["lr"]] * len(TRAINING_STAGES)
+
+
 def stage_config(cfg: dict, index: int) -> dict:
     """The config of training stage `index` (0, 1, 2 = stages 1, 4, 6): ciscr.stage_epochs[index]
     (default: `epochs`) epochs of the stage's own data, as released, at ciscr.stage_lr[index] (default:
     `lr`). `max_iters`, the single-loop methods' budget, is not read."""
     cfg = copy.deepcopy(cfg)
     cfg["epochs"] = stage_epochs(cfg)[index]
-    cfg["lr"] = (cfg["ciscr"]["stage_lr"] or [cfg["lr"]] * len(TRAINING_STAGES))[index]
+    cfg["lr"] = stage_lrs(cfg)[index]
     cfg["max_iters"] = None
     return cfg
 
@@ -502,7 +507,7 @@ class StagedPipeline:
         logger.info(
             f"CISC-R, staged: {'stages to run: ' + ', '.join(left) if left else 'all stages done'}; "
             f"stages 1, 4, 6 train {stage_epochs(self.cfg)} epochs of their own data at lr "
-            f"{[stage_config(self.cfg, i)['lr'] for i in range(len(TRAINING_STAGES))]}"
+            f"{stage_lrs(self.cfg)}"
         )
         images = self.unlabeled_images
 
